@@ -1,0 +1,5 @@
+//! vCPUs: CPUID, initial registers and the thread that runs each one.
+
+pub mod cpuid;
+pub mod setup;
+pub mod vcpu;

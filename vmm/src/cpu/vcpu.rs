@@ -1,0 +1,157 @@
+//! The vCPU thread: runs `KVM_RUN`, dispatches port and MMIO exits to the
+//! buses, and turns the exits that end the guest into a [`StopReason`].
+//!
+//! Stopping: the VMM sets the shared stop flag and signals the thread with
+//! [`kick_signal`] until it leaves; the signal makes `KVM_RUN` return
+//! `EINTR`, and the flag is checked before every entry.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot;
+use crate::legacy::{PortBus, StopReason};
+use crate::memory::GuestRam;
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Installs the (empty) handler for [`kick_signal`]; call once per process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// What a vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    /// Index (and APIC id) of the vCPU.
+    pub index: u8,
+    /// Legacy port devices.
+    pub ports: Arc<PortBus>,
+    /// Guest memory, for reading instruction bytes in error reports.
+    pub ram: Arc<GuestRam>,
+    /// Where to report why the guest stopped.
+    pub stop_tx: Sender<StopReason>,
+    /// Set by the VMM when every vCPU must leave.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Runs `vcpu` until the VM stops or the guest ends; reports the end on
+/// `ctx.stop_tx`.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let outcome = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, &ctx),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(StopReason::Failure(format!(
+                "vCPU {}: KVM_RUN failed: {e}",
+                ctx.index
+            ))),
+        };
+        let Some(reason) = outcome else { continue };
+        let reason = match reason {
+            StopReason::Failure(msg) => {
+                StopReason::Failure(describe_failure(&msg, &mut vcpu, &ctx))
+            }
+            r => r,
+        };
+        let _ = ctx.stop_tx.send(reason);
+        return;
+    }
+}
+
+/// Handles one exit; `Some` when the guest cannot go on.
+fn handle_exit(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<StopReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            ctx.ports.read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.ports.write(port, data);
+            None
+        }
+        VcpuExit::MmioRead(_, data) => {
+            // Nothing is mapped there yet: reads float high.
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(..) => None,
+        VcpuExit::Hlt => {
+            // With the in-kernel LAPIC a halt is handled by KVM; a halt that
+            // reaches us means interrupts can never wake the vCPU.
+            Some(StopReason::Failure(format!(
+                "vCPU {} halted with no way to wake",
+                ctx.index
+            )))
+        }
+        VcpuExit::Shutdown => Some(StopReason::Failure(format!(
+            "vCPU {}: guest triple fault (KVM_EXIT_SHUTDOWN)",
+            ctx.index
+        ))),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Some(StopReason::Reset),
+            other => Some(StopReason::Failure(format!(
+                "vCPU {}: unexpected KVM system event {other}",
+                ctx.index
+            ))),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Some(StopReason::Failure(format!(
+            "vCPU {}: KVM entry failed (hardware reason {reason:#x} on host cpu {cpu})",
+            ctx.index
+        ))),
+        VcpuExit::InternalError => Some(StopReason::Failure(format!(
+            "vCPU {}: KVM internal error",
+            ctx.index
+        ))),
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        other => Some(StopReason::Failure(format!(
+            "vCPU {}: unexpected exit {other:?}",
+            ctx.index
+        ))),
+    }
+}
+
+/// Adds what KVM can tell about the failure: the internal-error suberror,
+/// RIP, and the instruction bytes there.
+fn describe_failure(msg: &str, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> String {
+    let mut out = msg.to_string();
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        // SAFETY: exit_reason says the `internal` member of the union is the
+        // one KVM filled.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+            "instruction emulation failed".to_string()
+        } else {
+            format!("suberror {}", internal.suberror)
+        };
+        out.push_str(&format!(": {what}"));
+    }
+    if let Ok(regs) = vcpu.get_regs() {
+        out.push_str(&format!(" at rip={:#x}", regs.rip));
+        let gpa = vcpu
+            .translate_gva(regs.rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address)
+            .unwrap_or(regs.rip);
+        if let Some(bytes) = boot::read_bytes(&ctx.ram, gpa, 15) {
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            out.push_str(&format!(" (instruction bytes: {})", hex.join(" ")));
+        }
+    }
+    out
+}

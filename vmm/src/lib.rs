@@ -1,0 +1,16 @@
+//! Outboard: a small KVM virtual machine monitor whose devices run in their
+//! own processes.
+//!
+//! This crate is the VMM: the JSON [`config`], guest [`memory`], the
+//! [`boot`] path (Linux boot protocol and PVH), [`cpu`] set-up and vCPU
+//! threads, the [`legacy`] port devices, and the [`vm`] that ties them
+//! together.
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod host;
+pub mod legacy;
+pub mod logger;
+pub mod memory;
+pub mod vm;

@@ -1,0 +1,56 @@
+//! The `outboard` command: boots the microVM a JSON config describes and
+//! exits when the guest shuts down.
+//!
+//! Exit status: the guest's own status when it powers off through the
+//! debug-exit port, 0 when it resets (its way of shutting down), 1 when the
+//! guest or the VMM fails (triple fault, KVM error), 2 for a bad config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use outboard::config::VmConfig;
+use outboard::host::{self, KvmKind};
+use outboard::legacy::StopReason;
+use outboard::vm::Vm;
+
+/// Outboard: a small KVM VMM whose devices run in their own processes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The VM config (JSON); see the README for the format.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    outboard::logger::init();
+    let cli = Cli::parse();
+    let config = match VmConfig::from_file(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if host::kvm_kind() == KvmKind::Pvm {
+        eprintln!("outboard: note: {}", host::PVM_NOTICE);
+    }
+    let reason = Vm::new(&config).and_then(Vm::run);
+    match reason {
+        Ok(StopReason::PowerOff(0)) | Ok(StopReason::Reset) => ExitCode::SUCCESS,
+        Ok(StopReason::PowerOff(status)) => {
+            eprintln!("outboard: guest powered off with status {status}");
+            ExitCode::from(status)
+        }
+        Ok(StopReason::Failure(msg)) => {
+            eprintln!("outboard: guest stopped: {msg}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outboard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

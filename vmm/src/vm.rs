@@ -1,0 +1,331 @@
+//! Building a VM from its config and running it to the end: KVM VM with
+//! in-kernel irqchip and PIT, memfd-backed RAM, the loaded kernel, the
+//! legacy devices, one thread per vCPU, and a clean stop of all of them.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConsoleInput, ConsoleOutput, VmConfig};
+use crate::cpu::{cpuid, setup, vcpu};
+use crate::legacy::{IrqTrigger, PortBus, SerialConsole, StopReason, SERIAL_IRQ};
+use crate::memory::{GuestRam, MemoryError};
+
+/// Where KVM keeps the TSS it needs for real-mode emulation (3 pages,
+/// inside the MMIO hole, below the IOAPIC).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs than this KVM allows.
+    #[error("config field `machine.vcpus`: {asked} is more than this host's KVM allows ({max})")]
+    TooManyVcpus {
+        /// Asked for.
+        asked: u8,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU register set-up failed.
+    #[error("vCPU {index}: {source}")]
+    VcpuSetup {
+        /// Which vCPU.
+        index: u8,
+        /// What failed.
+        source: setup::SetupError,
+    },
+    /// The console output file could not be created.
+    #[error("cannot create console output {path}: {source}")]
+    Console {
+        /// The path.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A host thread or signal could not be set up.
+    #[error("{what}: {source}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A VM built and ready to run.
+pub struct Vm {
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    ram: Arc<GuestRam>,
+    ports: Arc<PortBus>,
+    serial: Arc<Mutex<SerialConsole>>,
+    stop_rx: Receiver<StopReason>,
+    stop_tx: std::sync::mpsc::Sender<StopReason>,
+    console_input: bool,
+    // Kept alive for as long as the VM runs.
+    _vm: VmFd,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`. Nothing runs yet.
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.machine.vcpus) > max {
+            return Err(VmError::TooManyVcpus {
+                asked: config.machine.vcpus,
+                max,
+            });
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.machine.memory_mib << 20)?;
+        register_memory(&vm, &ram)?;
+
+        let entry = boot::load(&ram, &config.kernel, config.machine.vcpus, &[])?;
+        boot::write_gdt_and_page_tables(&ram, entry.protocol)?;
+
+        let (stop_tx, stop_rx) = channel();
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
+            what: "cannot create the serial interrupt eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&serial_evt, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            IrqTrigger(serial_evt),
+            console_writer(config)?,
+        )));
+        let ports = Arc::new(PortBus::new(serial.clone(), stop_tx.clone()));
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.machine.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let cpuid = cpuid::for_vcpu(&supported, index, config.machine.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            setup::setup_common(&fd).map_err(|source| VmError::VcpuSetup { index, source })?;
+            if index == 0 {
+                setup::setup_boot_vcpu(&fd, entry.protocol, entry.addr)
+                    .map_err(|source| VmError::VcpuSetup { index, source })?;
+            }
+            vcpus.push(fd);
+        }
+
+        let console_input = config.console.input == ConsoleInput::Auto
+            // SAFETY: isatty only inspects the descriptor.
+            && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+        Ok(Vm {
+            vcpus,
+            ram: Arc::new(ram),
+            ports,
+            serial,
+            stop_rx,
+            stop_tx,
+            console_input,
+            _vm: vm,
+        })
+    }
+
+    /// Runs the guest until it powers off, resets or fails, then stops
+    /// every vCPU thread. Returns why it stopped.
+    pub fn run(self) -> Result<StopReason, VmError> {
+        vcpu::install_kick_handler().map_err(|source| VmError::Host {
+            what: "cannot install the vCPU kick signal handler",
+            source,
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, fd) in self.vcpus.into_iter().enumerate() {
+            let ctx = vcpu::VcpuContext {
+                index: index as u8,
+                ports: self.ports.clone(),
+                ram: self.ram.clone(),
+                stop_tx: self.stop_tx.clone(),
+                stop: stop.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run(fd, ctx));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    stop_threads(&stop, threads);
+                    return Err(VmError::Host {
+                        what: "cannot spawn a vCPU thread",
+                        source,
+                    });
+                }
+            }
+        }
+        let _terminal = if self.console_input {
+            spawn_console_input(self.serial.clone())
+        } else {
+            None
+        };
+        drop(self.stop_tx);
+
+        let reason = self
+            .stop_rx
+            .recv()
+            .unwrap_or_else(|_| StopReason::Failure("every vCPU thread ended".into()));
+        stop_threads(&stop, threads);
+        if let Ok(mut s) = self.serial.lock() {
+            let _ = s.writer_mut().flush();
+        }
+        Ok(reason)
+    }
+}
+
+fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which the VM
+        // outlives only in `Vm`, where `ram` is kept alongside the VmFd.
+        unsafe { vm.set_user_memory_region(mem_region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Signals every vCPU thread until it has left `KVM_RUN`, then joins it.
+fn stop_threads(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        while !t.is_finished() {
+            // SAFETY: the pthread handle is valid until the thread is
+            // joined, which happens only below.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = t.join();
+    }
+}
+
+fn console_writer(config: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match config.console.output {
+        ConsoleOutput::Stdout => Box::new(io::stdout()),
+        ConsoleOutput::None => Box::new(io::sink()),
+        ConsoleOutput::File => {
+            let path = config.console.path.clone().unwrap_or_default();
+            let file = File::create(&path).map_err(|source| VmError::Console {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Box::new(file)
+        }
+    })
+}
+
+/// Puts the terminal in non-canonical, no-echo mode for as long as it lives
+/// (signals still work, so Ctrl-C stops the VMM).
+struct TerminalMode(libc::termios);
+
+impl Drop for TerminalMode {
+    fn drop(&mut self) {
+        // SAFETY: restores attributes read from this same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}
+
+fn spawn_console_input(serial: Arc<Mutex<SerialConsole>>) -> Option<TerminalMode> {
+    // SAFETY: termios is plain data; tcgetattr fills it or fails.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and pointer to a termios we own.
+    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+        return None;
+    }
+    let mut raw = saved;
+    raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    // SAFETY: valid descriptor and pointer to a termios we own.
+    unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+    let spawned = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .ok()
+                        .and_then(|mut s| s.enqueue_raw_bytes(pending).ok())
+                        .unwrap_or(0);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        });
+    spawned.ok().map(|_| TerminalMode(saved))
+}
+
+/// Whether this KVM offers what Outboard needs (used for early checks).
+pub fn kvm_has_required_caps(kvm: &Kvm) -> bool {
+    [Cap::Irqchip, Cap::Irqfd, Cap::Pit2, Cap::UserMemory]
+        .iter()
+        .all(|c| kvm.check_extension(*c))
+}
