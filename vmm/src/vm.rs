@@ -188,6 +188,7 @@ impl Vm {
                 ram: self.ram.clone(),
                 stop_tx: self.stop_tx.clone(),
                 stop: stop.clone(),
+                trace_first_run: index == 0 && std::env::var_os("OUTBOARD_BOOT_TRACE").is_some(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))

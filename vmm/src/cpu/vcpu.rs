@@ -43,11 +43,28 @@ pub struct VcpuContext {
     pub stop_tx: Sender<StopReason>,
     /// Set by the VMM when every vCPU must leave.
     pub stop: Arc<AtomicBool>,
+    /// Print the CLOCK_MONOTONIC time of the first `KVM_RUN` on stderr
+    /// (`OUTBOARD_BOOT_TRACE`), for the boot-time benchmark.
+    pub trace_first_run: bool,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock `std::time::Instant` uses).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs `vcpu` until the VM stops or the guest ends; reports the end on
 /// `ctx.stop_tx`.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    if ctx.trace_first_run {
+        eprintln!("outboard: boot-trace first-kvm-run monotonic_ns={}", monotonic_ns());
+    }
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;

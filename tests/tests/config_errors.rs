@@ -1,0 +1,137 @@
+//! Every bad config gives one line on stderr naming the field and the
+//! problem, and exit status 2, before any guest state is created.
+
+use std::time::Duration;
+
+use outboard_tests::{json_str, run_args, run_config, test_guest, TempDir};
+
+fn kernel() -> String {
+    json_str(&test_guest().display().to_string())
+}
+
+fn assert_config_error(json: &str, expect: &[&str]) {
+    let out = run_config(json, Duration::from_secs(10), None);
+    let d = out.describe();
+    assert_eq!(out.status, Some(2), "{json}\n{d}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{json}\n{d}");
+    for e in expect {
+        assert!(lines[0].contains(e), "expected {e:?} in {:?}", lines[0]);
+    }
+    assert!(out.serial.is_empty(), "{d}");
+}
+
+#[test]
+fn malformed_json() {
+    assert_config_error(r#"{"machine": {"vcpus": 1,"#, &["EOF while parsing"]);
+}
+
+#[test]
+fn unknown_field() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 64, "memory_gib": 1}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["unknown field `memory_gib`"],
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    assert_config_error(
+        r#"{"machine": {"vcpus": 1, "memory_mib": 64}, "kernel": {"path": "/nonexistent/vmlinux"}}"#,
+        &["kernel.path", "/nonexistent/vmlinux", "No such file"],
+    );
+}
+
+#[test]
+fn missing_initrd_file() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 64}}, "kernel": {{"path": {}, "initrd": "/nonexistent/initrd"}}}}"#,
+            kernel()
+        ),
+        &["kernel.initrd", "/nonexistent/initrd"],
+    );
+}
+
+#[test]
+fn zero_vcpus() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 0, "memory_mib": 64}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["machine.vcpus", "0 is out of range"],
+    );
+}
+
+#[test]
+fn memory_too_small() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 8}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["machine.memory_mib", "too small"],
+    );
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 1073741824}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["machine.memory_mib", "more than this host can give"],
+    );
+}
+
+#[test]
+fn missing_section() {
+    assert_config_error(
+        &format!(r#"{{"kernel": {{"path": {}}}}}"#, kernel()),
+        &["missing field `machine`"],
+    );
+}
+
+#[test]
+fn missing_config_file() {
+    let dir = TempDir::new("cfg");
+    let path = dir.0.join("absent.json");
+    let out = run_args(
+        &[std::ffi::OsStr::new("--config"), path.as_os_str()],
+        Duration::from_secs(10),
+        None,
+    );
+    assert_eq!(out.status, Some(2), "{}", out.describe());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.describe());
+    assert!(out.stderr.contains("cannot read config file"));
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    // Passes validation (it is a file) but fails to load: exit 1, one line.
+    let dir = TempDir::new("cfg");
+    let bogus = dir.0.join("bogus");
+    std::fs::write(&bogus, b"not a kernel at all").unwrap();
+    let out = run_config(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 64}}, "kernel": {{"path": {}}}}}"#,
+            json_str(&bogus.display().to_string())
+        ),
+        Duration::from_secs(10),
+        None,
+    );
+    let d = out.describe();
+    assert_eq!(out.status, Some(1), "{d}");
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.contains("note:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    assert!(errors[0].contains("cannot load kernel"), "{d}");
+}
