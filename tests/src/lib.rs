@@ -176,7 +176,10 @@ impl VmSpec {
             self.entry
         );
         if let Some(i) = &self.initrd {
-            kernel.push_str(&format!(r#", "initrd": {}"#, json_str(&i.display().to_string())));
+            kernel.push_str(&format!(
+                r#", "initrd": {}"#,
+                json_str(&i.display().to_string())
+            ));
         }
         format!(
             r#"{{"machine": {{"vcpus": {}, "memory_mib": {}}}, "kernel": {{{kernel}}}, "console": {{"output": "stdout", "input": "none"}}}}"#,
@@ -260,7 +263,11 @@ pub fn run_config(json: &str, deadline: Duration, stop_at: Option<&str>) -> RunO
     let dir = TempDir::new("vm");
     let cfg = dir.0.join("vm.json");
     std::fs::write(&cfg, json).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
-    run_args(&[std::ffi::OsStr::new("--config"), cfg.as_os_str()], deadline, stop_at)
+    run_args(
+        &[std::ffi::OsStr::new("--config"), cfg.as_os_str()],
+        deadline,
+        stop_at,
+    )
 }
 
 /// Runs the VMM with `args`; see [`run_config`].

@@ -37,7 +37,10 @@ fn boot_linux(kernel_is_bzimage: bool, vcpus: u8, memory_mib: u64) -> (RunOutput
 
 fn assert_reaches_init(out: &RunOutput) {
     let d = out.describe();
-    assert!(!out.timed_out, "Linux did not reach {RUN_INIT:?} in time\n{d}");
+    assert!(
+        !out.timed_out,
+        "Linux did not reach {RUN_INIT:?} in time\n{d}"
+    );
     assert!(out.serial.contains(RUN_INIT), "{d}");
     if host_kvm() == HostKvm::Hardware {
         assert!(out.serial.contains("outboard-linux: init started"), "{d}");
@@ -55,10 +58,15 @@ fn vmlinux_boots_with_two_vcpus_and_reports_what_it_was_given() {
     assert_reaches_init(&out);
     let d = out.describe();
     assert!(
-        out.serial.contains(&format!("Kernel command line: {cmdline}")),
+        out.serial
+            .contains(&format!("Kernel command line: {cmdline}")),
         "command line not echoed as given\n{d}"
     );
-    assert!(out.serial.contains("Intel MultiProcessor Specification v1.4"), "{d}");
+    assert!(
+        out.serial
+            .contains("Intel MultiProcessor Specification v1.4"),
+        "{d}"
+    );
     assert!(out.serial.contains("smp: Brought up 1 node, 2 CPUs"), "{d}");
     // "Memory: 221052K/261752K available (...)": the second figure is the
     // RAM the kernel found, 256 MiB less the reserved low area.

@@ -21,15 +21,23 @@ fn assert_boot_passes(vcpus: u8, memory_mib: u64, entry: &'static str) {
     let out = boot(&spec);
     let d = out.describe();
     assert_eq!(out.status, Some(0), "{d}");
-    let expected_entry = if entry == "pvh" { "entry=pvh" } else { "entry=linux64" };
+    let expected_entry = if entry == "pvh" {
+        "entry=pvh"
+    } else {
+        "entry=linux64"
+    };
     assert_eq!(out.serial_lines_with(expected_entry).len(), 1, "{d}");
     assert_eq!(
-        out.serial_lines_with(&format!("cpus expected={vcpus} online={vcpus}")).len(),
+        out.serial_lines_with(&format!("cpus expected={vcpus} online={vcpus}"))
+            .len(),
         1,
         "{d}"
     );
     assert!(out.serial.contains("timer ticks=5"), "{d}");
-    assert!(out.serial.contains(&format!("ap-timers ok={}", vcpus - 1)), "{d}");
+    assert!(
+        out.serial.contains(&format!("ap-timers ok={}", vcpus - 1)),
+        "{d}"
+    );
     assert!(out.serial.contains("mem checked="), "{d}");
     assert!(out.serial.contains(" ok\r\n"), "{d}");
     assert!(out.serial.contains("result PASS"), "{d}");

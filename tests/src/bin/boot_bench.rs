@@ -100,7 +100,9 @@ fn ms(ns: u64) -> String {
 
 fn outboard_cmd(config: &Path) -> Command {
     let mut c = Command::new(outboard_bin());
-    c.arg("--config").arg(config).env("OUTBOARD_BOOT_TRACE", "1");
+    c.arg("--config")
+        .arg(config)
+        .env("OUTBOARD_BOOT_TRACE", "1");
     c
 }
 
@@ -165,7 +167,9 @@ fn main() {
     let config_for = |entry: &'static str, cmdline: &str| {
         let mut spec = VmSpec::test_guest(1, 128, cmdline);
         spec.entry = entry;
-        let path = dir.0.join(format!("{entry}-{}.json", cmdline.replace(['=', '.'], "_")));
+        let path = dir
+            .0
+            .join(format!("{entry}-{}.json", cmdline.replace(['=', '.'], "_")));
         std::fs::write(&path, spec.to_json()).expect("write config");
         path
     };
@@ -175,16 +179,22 @@ fn main() {
         bench("outboard (linux 64-bit entry)", runs, &|s| {
             outboard_cmd(&config_for("linux", s))
         }),
-        bench("outboard (pvh entry)", runs, &|s| outboard_cmd(&config_for("pvh", s))),
+        bench("outboard (pvh entry)", runs, &|s| {
+            outboard_cmd(&config_for("pvh", s))
+        }),
     ];
     let qemu_ok = Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if qemu_ok {
-        rows.push(bench("qemu 7.2 microvm (pvh)", runs, &|s| qemu_cmd(&guest, s)));
+        rows.push(bench("qemu 7.2 microvm (pvh)", runs, &|s| {
+            qemu_cmd(&guest, s)
+        }));
     } else {
-        println!("qemu-system-x86_64 not found: install Debian's qemu-system-x86 to measure the peer");
+        println!(
+            "qemu-system-x86_64 not found: install Debian's qemu-system-x86 to measure the peer"
+        );
     }
 
     println!(
@@ -197,16 +207,23 @@ fn main() {
             r.name,
             r.first_run.map_or("n/a".into(), ms),
             ms(r.first_line),
-            r.rss_kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            r.rss_kib
+                .map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
         );
     }
-    if let (Some(ours), Some(qemu)) = (rows.first(), rows.iter().find(|r| r.name.starts_with("qemu"))) {
+    if let (Some(ours), Some(qemu)) = (
+        rows.first(),
+        rows.iter().find(|r| r.name.starts_with("qemu")),
+    ) {
         println!(
             "ratio qemu/outboard, first serial line: {:.1}x",
             qemu.first_line as f64 / ours.first_line.max(1) as f64
         );
         if let (Some(a), Some(b)) = (ours.rss_kib, qemu.rss_kib) {
-            println!("ratio qemu/outboard, RSS less guest RAM: {:.1}x", b as f64 / a.max(1) as f64);
+            println!(
+                "ratio qemu/outboard, RSS less guest RAM: {:.1}x",
+                b as f64 / a.max(1) as f64
+            );
         }
     }
 }

@@ -63,7 +63,10 @@ pub fn monotonic_ns() -> u64 {
 /// `ctx.stop_tx`.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     if ctx.trace_first_run {
-        eprintln!("outboard: boot-trace first-kvm-run monotonic_ns={}", monotonic_ns());
+        eprintln!(
+            "outboard: boot-trace first-kvm-run monotonic_ns={}",
+            monotonic_ns()
+        );
     }
     loop {
         if ctx.stop.load(Ordering::Acquire) {
