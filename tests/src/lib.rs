@@ -27,18 +27,20 @@ pub fn outboard_bin() -> PathBuf {
     if let Ok(p) = std::env::var("OUTBOARD_BIN") {
         return PathBuf::from(p);
     }
+    // Tests live in target/<profile>/deps/, benchmarks in target/<profile>/.
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/outboard
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
+    let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];
+    let candidate = dirs
+        .iter()
+        .flatten()
         .map(|d| d.join("outboard"))
-        .unwrap_or_default();
-    assert!(
-        candidate.is_file(),
-        "outboard binary not found at {}: run `cargo build` first (tests/run does), or set OUTBOARD_BIN",
-        candidate.display()
-    );
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "outboard binary not found next to {}: run `cargo build` first (tests/run does), or set OUTBOARD_BIN",
+                exe.display()
+            )
+        });
     candidate
 }
 

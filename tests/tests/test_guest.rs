@@ -130,8 +130,8 @@ fn emulation_failure_reports_rip_and_instruction_bytes() {
                 .unwrap_or_default();
             assert!(line.contains("internal error"), "{d}");
             assert!(line.contains("rip=0x"), "{d}");
-            // popcnt rax, rbx = f3 48 0f b8 c3
-            assert!(line.contains("instruction bytes: f3 48 0f b8 c3"), "{d}");
+            // popcnt rax, rcx = f3 48 0f b8 c1
+            assert!(line.contains("instruction bytes: f3 48 0f b8 c1"), "{d}");
         }
         outboard_tests::HostKvm::Hardware => {
             assert!(out.status.is_some(), "{d}");

@@ -282,6 +282,12 @@ impl VmConfig {
 }
 
 fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            field,
+            problem: "is empty".into(),
+        });
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(ConfigError::Invalid {
