@@ -148,6 +148,19 @@ impl Vm {
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let cpuid = cpuid::for_vcpu(&supported, index, config.machine.vcpus);
+            if log::log_enabled!(log::Level::Trace) {
+                for e in cpuid.as_slice() {
+                    log::trace!(
+                        "vcpu{index} cpuid {:#x}.{:#x}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                        e.function,
+                        e.index,
+                        e.eax,
+                        e.ebx,
+                        e.ecx,
+                        e.edx
+                    );
+                }
+            }
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             setup::setup_common(&fd).map_err(|source| VmError::VcpuSetup { index, source })?;
             if index == 0 {

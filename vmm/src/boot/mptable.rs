@@ -10,8 +10,9 @@
 //!   processor entry x vcpus (20 bytes each; APIC id = vCPU index)
 //!   bus entry: ISA (8 bytes)
 //!   IOAPIC entry: id = vcpus, 0xfec00000 (8 bytes)
-//!   I/O interrupt entries (8 bytes each): ExtINT on pin 0, ISA IRQ 0 on
-//!     pin 2 (KVM routes the PIT's GSI 0 there), IRQ n on pin n otherwise
+//!   I/O interrupt entries (8 bytes each): ISA IRQ n on pin n, for every
+//!     pin: KVM's default GSI routing sends GSI n (the PIT's is 0) to
+//!     IOAPIC pin n, so the table must say the same
 //!   local interrupt entries: ExtINT on LINT0, NMI on LINT1
 //! ```
 
@@ -73,18 +74,14 @@ pub fn build(vcpus: u8, base: u64) -> Vec<u8> {
     e[4..8].copy_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     entries.extend_from_slice(&e);
     count += 1;
-    // I/O interrupts: (type, source IRQ, destination pin). Type 0 = INT,
-    // 3 = ExtINT; flags 0 = conforms to the bus (ISA: edge, active high).
+    // I/O interrupts: (type, source IRQ, destination pin). Type 0 = INT;
+    // flags 0 = conforms to the bus (ISA: edge, active high).
     let mut io_int = |kind: u8, src: u8, pin: u8| {
         entries.extend_from_slice(&[3, kind, 0, 0, 0, src, ioapic_id, pin]);
         count += 1;
     };
-    io_int(3, 0, 0);
-    io_int(0, 0, 2);
-    for irq in 1..IOAPIC_PINS {
-        if irq != 2 {
-            io_int(0, irq, irq);
-        }
+    for irq in 0..IOAPIC_PINS {
+        io_int(0, irq, irq);
     }
     // Local interrupts to every LAPIC (0xff): ExtINT on LINT0, NMI on LINT1.
     entries.extend_from_slice(&[4, 3, 0, 0, 0, 0, 0xff, 0]);
@@ -155,6 +152,20 @@ mod tests {
     #[test]
     fn largest_table_fits_the_bios_area() {
         assert!(build(254, MPTABLE_START).len() as u64 <= HIGH_MEMORY_START - MPTABLE_START);
+    }
+
+    #[test]
+    fn isa_irqs_map_to_the_same_ioapic_pin() {
+        let vcpus = 2;
+        let t = build(vcpus, MPTABLE_START);
+        let io_ints = 16 + HEADER_LEN + vcpus as usize * CPU_ENTRY_LEN + 2 * SMALL_ENTRY_LEN;
+        for irq in 0..IOAPIC_PINS as usize {
+            let e = &t[io_ints + irq * SMALL_ENTRY_LEN..][..SMALL_ENTRY_LEN];
+            assert_eq!(
+                (e[0], e[1], e[5], e[6], e[7]),
+                (3, 0, irq as u8, vcpus, irq as u8)
+            );
+        }
     }
 
     #[test]

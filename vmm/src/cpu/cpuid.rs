@@ -2,7 +2,7 @@
 //! (one package, one thread per core, `vcpus` cores) filled in, the
 //! hypervisor bit set and KVM's signature leaves passed through.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE: u32 = 0x4;
@@ -13,16 +13,38 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Adjusts KVM's supported CPUID for vCPU `index` of `count`.
+///
+/// KVM reports only subleaf 0 of the extended topology leaves (0xb, 0x1f);
+/// a guest that finds no core level puts every vCPU in a package of its
+/// own, so the SMT, core and terminating subleaves are written out here.
 pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
-    let mut cpuid = supported.clone();
     let apic_id = u32::from(index);
     let count = u32::from(count);
     // Bits needed to number the cores in the x2APIC id.
     let core_shift = 32 - (count.max(1) - 1).leading_zeros();
-    for e in cpuid.as_mut_slice() {
+    let mut entries: Vec<kvm_cpuid_entry2> = Vec::with_capacity(supported.as_slice().len() + 4);
+    for e in supported.as_slice() {
+        match e.function {
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 if e.index == 0 => {
+                for subleaf in 0..3 {
+                    entries.push(kvm_cpuid_entry2 {
+                        function: e.function,
+                        index: subleaf,
+                        flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                        ..Default::default()
+                    });
+                }
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {}
+            _ => entries.push(*e),
+        }
+    }
+    for e in entries.iter_mut() {
         patch_entry(e, apic_id, count, core_shift);
     }
-    cpuid
+    // Only grows by 4 entries over what KVM returned; fall back to the
+    // unmodified list rather than fail if the wrapper refuses the size.
+    CpuId::from_entries(&entries).unwrap_or_else(|_| supported.clone())
 }
 
 fn patch_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, count: u32, core_shift: u32) {
@@ -84,24 +106,26 @@ mod tests {
 
     #[test]
     fn apic_id_and_topology_follow_the_index() {
-        let base = CpuId::from_entries(&[
-            entry(1, 0),
-            entry(0xb, 0),
-            entry(0xb, 1),
-            entry(0xb, 2),
-            entry(0x4000_0000, 0),
-        ])
-        .unwrap();
+        // As KVM reports it: subleaf 0 only.
+        let base =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0x4000_0000, 0)]).unwrap();
         let c = for_vcpu(&base, 3, 4);
         let e = c.as_slice();
+        assert_eq!(e.len(), 5);
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
-        assert_eq!(e[1].edx, 3);
-        assert_eq!(e[2].eax, 2);
-        assert_eq!(e[2].ebx, 4);
-        assert_eq!(e[3].ebx, 0);
-        assert_eq!(e[4], base.as_slice()[4]);
+        // SMT level, core level, terminator; every one carries the APIC id.
+        assert_eq!((e[1].index, e[1].ecx >> 8, e[1].edx), (0, 1, 3));
+        assert_eq!(
+            (e[2].index, e[2].ecx >> 8, e[2].eax, e[2].ebx),
+            (1, 2, 2, 4)
+        );
+        assert_eq!((e[3].index, e[3].ecx >> 8, e[3].ebx), (2, 0, 0));
+        assert!(e[1..4]
+            .iter()
+            .all(|x| x.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0));
+        assert_eq!(e[4], base.as_slice()[2]);
     }
 
     #[test]
