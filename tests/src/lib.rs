@@ -85,6 +85,16 @@ pub struct LinuxGuest {
     pub initramfs: PathBuf,
     /// The recommended command line for this host (`resources/linux/cmdline.txt`).
     pub cmdline: String,
+    /// Whether the kernel is built as a PVM guest (`CONFIG_PVM_GUEST=y` in
+    /// the `config` beside it): then its userspace runs on a PVM host too.
+    pub pvm_guest: bool,
+}
+
+impl LinuxGuest {
+    /// Whether Linux userspace can run on this host with this kernel.
+    pub fn userspace_runs(&self, host: HostKvm) -> bool {
+        host == HostKvm::Hardware || self.pvm_guest
+    }
 }
 
 /// The Linux guest, built and cached by `resources/linux/build.sh`.
@@ -100,7 +110,10 @@ pub fn linux_guest() -> LinuxGuest {
         .unwrap_or_default()
         .trim()
         .to_string();
+    let pvm_guest = std::fs::read_to_string(dir.join("config"))
+        .is_ok_and(|c| c.lines().any(|l| l.trim() == "CONFIG_PVM_GUEST=y"));
     LinuxGuest {
+        pvm_guest,
         vmlinux: dir.join("vmlinux"),
         bzimage: dir.join("bzImage"),
         initramfs: dir.join("initramfs.cpio"),
