@@ -110,6 +110,11 @@ impl Vm {
             });
         }
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Memory first: a memslot added after the irqchip and PIT exist
+        // waits for a grace period (measured 5.5 ms on a PVM host, 0.15 ms
+        // before), more than everything else up to the first KVM_RUN.
+        let ram = GuestRam::new(config.machine.memory_mib << 20)?;
+        register_memory(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
@@ -119,9 +124,6 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let ram = GuestRam::new(config.machine.memory_mib << 20)?;
-        register_memory(&vm, &ram)?;
 
         let entry = boot::load(&ram, &config.kernel, config.machine.vcpus, &[])?;
         boot::write_gdt_and_page_tables(&ram, entry.protocol)?;
