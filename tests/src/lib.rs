@@ -83,7 +83,7 @@ pub struct LinuxGuest {
     /// busybox initramfs, uncompressed: gunzip alone costs ~110 s where
     /// every instruction is emulated (`initramfs.cpio.gz` is beside it).
     pub initramfs: PathBuf,
-    /// The recommended command line for this host (`resources/linux/cmdline.txt`).
+    /// The command line for this host (`resources/linux/cmdline.txt` on PVM).
     pub cmdline: String,
     /// Whether the kernel is built as a PVM guest (`CONFIG_PVM_GUEST=y` in
     /// the `config` beside it): then its userspace runs on a PVM host too.
@@ -106,10 +106,15 @@ pub fn linux_guest() -> LinuxGuest {
             Err(_) => run_build_script("resources/linux/build.sh"),
         })
         .clone();
-    let cmdline = std::fs::read_to_string(repo_root().join("resources/linux/cmdline.txt"))
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    // cmdline.txt is for a PVM host (clearcpuid=, nopv, ...); a VMX/SVM
+    // host boots the kernel as it is.
+    let cmdline = match host_kvm() {
+        HostKvm::Pvm => std::fs::read_to_string(repo_root().join("resources/linux/cmdline.txt"))
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        HostKvm::Hardware => "console=ttyS0 reboot=k panic=-1".to_string(),
+    };
     let pvm_guest = std::fs::read_to_string(dir.join("config"))
         .is_ok_and(|c| c.lines().any(|l| l.trim() == "CONFIG_PVM_GUEST=y"));
     LinuxGuest {

@@ -82,10 +82,32 @@ fn memory_too_small() {
 fn memory_larger_than_the_host() {
     assert_config_error(
         &format!(
-            r#"{{"machine": {{"vcpus": 1, "memory_mib": 1073741824}}, "kernel": {{"path": {}}}}}"#,
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 1048576}}, "kernel": {{"path": {}}}}}"#,
             kernel()
         ),
         &["machine.memory_mib", "more than this host can give"],
+    );
+}
+
+#[test]
+fn memory_beyond_the_largest_guest() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 1, "memory_mib": 17592186044416}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["machine.memory_mib", "more than the largest guest"],
+    );
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    assert_config_error(
+        &format!(
+            r#"{{"machine": {{"vcpus": 300, "memory_mib": 64}}, "kernel": {{"path": {}}}}}"#,
+            kernel()
+        ),
+        &["field `machine.vcpus`", "300"],
     );
 }
 

@@ -29,6 +29,9 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// Largest vCPU count: APIC ids must fit the MP table's 8-bit field, and one
 /// id is kept for the IOAPIC.
 pub const MAX_VCPUS: u8 = 254;
+/// Largest guest memory: 1 TiB (4 levels of paging reach far more; this
+/// keeps `memory_mib << 20` and the address map well inside u64).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Longest kernel command line (Linux x86 `COMMAND_LINE_SIZE`, with its NUL).
 pub const MAX_CMDLINE_LEN: usize = 2048;
 
@@ -182,9 +185,21 @@ impl VmConfig {
     /// Parses and validates a JSON config; relative paths are resolved
     /// against `base`.
     pub fn from_json(text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let mut config: VmConfig = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<json>"),
-            message: e.to_string(),
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let mut config: VmConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            // Name the field for type and value errors; syntax errors and
+            // unknown/missing fields already say what they are about.
+            let message = if field.is_empty() || field == "." || !inner.is_data() {
+                inner.to_string()
+            } else {
+                format!("field `{field}`: {inner}")
+            };
+            ConfigError::Parse {
+                path: PathBuf::from("<json>"),
+                message,
+            }
         })?;
         config.resolve_paths(base);
         config.validate()?;
@@ -221,6 +236,15 @@ impl VmConfig {
                 "machine.memory_mib",
                 format!(
                     "{} MiB is too small (at least {MIN_MEMORY_MIB} MiB)",
+                    m.memory_mib
+                ),
+            );
+        }
+        if m.memory_mib > MAX_MEMORY_MIB {
+            return invalid(
+                "machine.memory_mib",
+                format!(
+                    "{} MiB is more than the largest guest ({MAX_MEMORY_MIB} MiB)",
                     m.memory_mib
                 ),
             );
@@ -397,6 +421,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{machine}: {err}");
         }
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let k = kernel_file();
+        let err = VmConfig::from_json(
+            &json(&k.0, r#"{"vcpus":300,"memory_mib":64}"#),
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("field `machine.vcpus`"), "{err}");
+        let err = VmConfig::from_json(
+            &json(&k.0, r#"{"vcpus":1,"memory_mib":"lots"}"#),
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("field `machine.memory_mib`"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum StopReason {
     Reset,
     /// The guest or a vCPU failed; the message says how.
     Failure(String),
+    /// The VMM received this signal (SIGINT, SIGTERM) and stopped the guest.
+    Signal(i32),
 }
 
 /// Sends a [`StopReason`] when triggered (the i8042 reset line).
@@ -80,6 +82,7 @@ pub struct PortBus {
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Mutex<I8042Device<StopTrigger>>,
     stop: Mutex<Sender<StopReason>>,
+    serial_error_logged: std::sync::atomic::AtomicBool,
 }
 
 impl PortBus {
@@ -92,6 +95,7 @@ impl PortBus {
                 StopReason::Reset,
             ))),
             stop: Mutex::new(stop),
+            serial_error_logged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -120,7 +124,12 @@ impl PortBus {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 if let Ok(mut s) = self.serial.lock() {
                     if let Err(e) = s.write((p - SERIAL_PORT) as u8, value) {
-                        log::warn!("serial console: {e:?}");
+                        // Once: a closed stdout must not turn every guest
+                        // byte into a log line.
+                        use std::sync::atomic::Ordering;
+                        if !self.serial_error_logged.swap(true, Ordering::Relaxed) {
+                            log::warn!("serial console output failed, output is lost: {e:?}");
+                        }
                     }
                 }
             }

@@ -44,13 +44,21 @@ fn main() -> ExitCode {
             eprintln!("outboard: guest powered off with status {status}");
             ExitCode::from(status)
         }
+        Ok(StopReason::Signal(sig)) => {
+            eprintln!("outboard: stopped by signal {sig}");
+            ExitCode::from(128u8.saturating_add(sig as u8))
+        }
         Ok(StopReason::Failure(msg)) => {
             eprintln!("outboard: guest stopped: {msg}");
             ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("outboard: {e}");
-            ExitCode::FAILURE
+            if e.is_config_error() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

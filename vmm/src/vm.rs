@@ -4,8 +4,9 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,6 +34,9 @@ pub enum VmError {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available, and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
+    /// KVM lacks a capability Outboard needs.
+    #[error("this host's KVM lacks {0}, which Outboard needs")]
+    MissingCapability(&'static str),
     /// A VM-level KVM ioctl failed.
     #[error("{what}: {source}")]
     Kvm {
@@ -63,6 +67,14 @@ pub enum VmError {
         /// What failed.
         source: setup::SetupError,
     },
+    /// The vCPU's CPUID could not be built.
+    #[error("vCPU {index}: {source}")]
+    Cpuid {
+        /// Which vCPU.
+        index: u8,
+        /// What failed.
+        source: cpuid::CpuidError,
+    },
     /// The console output file could not be created.
     #[error("cannot create console output {path}: {source}")]
     Console {
@@ -85,8 +97,18 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+impl VmError {
+    /// Whether the error is the config's fault (the binary exits 2).
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, VmError::TooManyVcpus { .. })
+    }
+}
+
 /// A VM built and ready to run.
 pub struct Vm {
+    // Declared first so it is dropped first: no memslot outlives the
+    // mapping it points into.
+    _vm: VmFd,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     ram: Arc<GuestRam>,
     ports: Arc<PortBus>,
@@ -94,14 +116,15 @@ pub struct Vm {
     stop_rx: Receiver<StopReason>,
     stop_tx: std::sync::mpsc::Sender<StopReason>,
     console_input: bool,
-    // Kept alive for as long as the VM runs.
-    _vm: VmFd,
 }
 
 impl Vm {
     /// Builds the VM described by `config`. Nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        if let Some(cap) = missing_capability(&kvm) {
+            return Err(VmError::MissingCapability(cap));
+        }
         let max = kvm.get_max_vcpus();
         if usize::from(config.machine.vcpus) > max {
             return Err(VmError::TooManyVcpus {
@@ -113,7 +136,12 @@ impl Vm {
         // Memory first: a memslot added after the irqchip and PIT exist
         // waits for a grace period (measured 5.5 ms on a PVM host, 0.15 ms
         // before), more than everything else up to the first KVM_RUN.
-        let ram = GuestRam::new(config.machine.memory_mib << 20)?;
+        let size = config
+            .machine
+            .memory_mib
+            .checked_mul(1 << 20)
+            .ok_or(MemoryError::Layout("memory size overflows".into()))?;
+        let ram = GuestRam::new(size)?;
         register_memory(&vm, &ram)?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -142,14 +170,16 @@ impl Vm {
         let ports = Arc::new(PortBus::new(serial.clone(), stop_tx.clone()));
 
         let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            // Headroom for the topology subleaves for_vcpu adds.
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES - 8)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for index in 0..config.machine.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpuid::for_vcpu(&supported, index, config.machine.vcpus);
+            let cpuid = cpuid::for_vcpu(&supported, index, config.machine.vcpus)
+                .map_err(|source| VmError::Cpuid { index, source })?;
             if log::log_enabled!(log::Level::Trace) {
                 for e in cpuid.as_slice() {
                     log::trace!(
@@ -194,6 +224,10 @@ impl Vm {
             what: "cannot install the vCPU kick signal handler",
             source,
         })?;
+        install_stop_handlers().map_err(|source| VmError::Host {
+            what: "cannot install the SIGINT/SIGTERM handlers",
+            source,
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -224,12 +258,25 @@ impl Vm {
         } else {
             None
         };
+        // Only vCPU threads (and the devices they own) may hold senders now,
+        // so recv() ends if every vCPU thread dies.
         drop(self.stop_tx);
+        drop(self.ports);
 
-        let reason = self
-            .stop_rx
-            .recv()
-            .unwrap_or_else(|_| StopReason::Failure("every vCPU thread ended".into()));
+        let reason = loop {
+            match self.stop_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Disconnected) => {
+                    break StopReason::Failure("every vCPU thread ended".into())
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let sig = STOP_SIGNAL.load(Ordering::Relaxed);
+                    if sig != 0 {
+                        break StopReason::Signal(sig);
+                    }
+                }
+            }
+        };
         stop_threads(&stop, threads);
         if let Ok(mut s) = self.serial.lock() {
             let _ = s.writer_mut().flush();
@@ -251,10 +298,36 @@ fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping owned by `ram`, which the VM
-        // outlives only in `Vm`, where `ram` is kept alongside the VmFd.
+        // SAFETY: the region is a live mapping owned by `ram`. `Vm` drops
+        // its VmFd before `ram`; on an error in `Vm::new` the VmFd may close
+        // after the unmapping, but no vCPU has run, so nothing accesses it.
         unsafe { vm.set_user_memory_region(mem_region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// The signal that asked the VMM to stop, 0 while none has.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// SIGINT and SIGTERM stop the guest cleanly (threads joined, terminal
+/// restored) instead of killing the process mid-way.
+fn install_stop_handlers() -> io::Result<()> {
+    extern "C" fn on_stop(sig: libc::c_int) {
+        STOP_SIGNAL.store(sig, Ordering::Relaxed);
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data; the handler only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_stop as extern "C" fn(libc::c_int) as usize;
+            act.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut act.sa_mask);
+            if libc::sigaction(sig, &act, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
     }
     Ok(())
 }
@@ -313,6 +386,8 @@ fn spawn_console_input(serial: Arc<Mutex<SerialConsole>>) -> Option<TerminalMode
     raw.c_cc[libc::VTIME] = 0;
     // SAFETY: valid descriptor and pointer to a termios we own.
     unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+    // Restores the terminal on every path from here on.
+    let guard = TerminalMode(saved);
     let spawned = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
@@ -336,12 +411,19 @@ fn spawn_console_input(serial: Arc<Mutex<SerialConsole>>) -> Option<TerminalMode
                 }
             }
         });
-    spawned.ok().map(|_| TerminalMode(saved))
+    spawned.ok().map(|_| guard)
 }
 
-/// Whether this KVM offers what Outboard needs (used for early checks).
-pub fn kvm_has_required_caps(kvm: &Kvm) -> bool {
-    [Cap::Irqchip, Cap::Irqfd, Cap::Pit2, Cap::UserMemory]
-        .iter()
-        .all(|c| kvm.check_extension(*c))
+/// The first KVM capability Outboard needs that this KVM lacks.
+fn missing_capability(kvm: &Kvm) -> Option<&'static str> {
+    [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ]
+    .into_iter()
+    .find(|(c, _)| !kvm.check_extension(*c))
+    .map(|(_, name)| name)
 }

@@ -4,7 +4,7 @@
 //! QEMU 7.2 (`-M microvm`, the same test guest through its PVH note) is
 //! measured in the same run, and the ratios printed.
 //!
-//! Usage: `cargo run --release -p outboard-tests --bin boot_bench [-- RUNS]`
+//! Usage: `cargo build --release --workspace --bins && target/release/boot_bench [RUNS]`
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -63,24 +63,50 @@ fn measure(mut cmd: Command, want_rss: bool) -> Sample {
         }
         first_run
     });
+    // A VMM that never prints must not hang the benchmark: kill it after
+    // 30 s. The flag is set (under the lock) before the child is reaped, so
+    // the watchdog can never signal a recycled pid.
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let done_w = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        if let Ok(d) = done_w.lock() {
+            if !*d {
+                // SAFETY: kill only sends a signal to our unreaped child.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    });
+    let finish = |child: &mut Child| {
+        if let Ok(mut d) = done.lock() {
+            *d = true;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
-    let mut first_line_ns = 0;
+    let mut first_line_ns = None;
     while out.read_line(&mut line).unwrap_or(0) > 0 {
         if line.contains("outboard-tg:") {
-            first_line_ns = monotonic_ns() - t0;
+            first_line_ns = Some(monotonic_ns() - t0);
             break;
         }
         line.clear();
     }
+    let Some(first_line_ns) = first_line_ns else {
+        finish(&mut child);
+        eprintln!("boot_bench: the guest printed no line; is the test guest built and KVM usable?");
+        std::process::exit(1);
+    };
     let rss_kib = if want_rss {
         std::thread::sleep(Duration::from_millis(200));
         rss_without_guest_kib(child.id())
     } else {
         None
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    finish(&mut child);
     let first_run_ns = err_thread.join().ok().flatten().map(|t| t - t0);
     Sample {
         first_line_ns,

@@ -6,7 +6,8 @@
 //! Low-memory layout of the boot structures:
 //!
 //! ```text
-//! 0x0500  GDT            0x0520  IDT (empty)
+//! 0x0500  GDT (6 entries: the 64-bit TSS descriptor takes two)
+//! 0x0530  IDT (empty)
 //! 0x6000  hvm_start_info, 0x6040 module list, 0x6100 PVH memory map
 //! 0x7000  boot_params (zero page)
 //! 0x8ff0  boot stack (grows down)
@@ -36,8 +37,10 @@ use crate::memory::{GuestRam, EBDA_START, HIGH_MEMORY_START, MMIO_HOLE_END};
 
 /// Address of the GDT.
 pub const GDT_START: u64 = 0x500;
-/// Address of the (empty) IDT.
-pub const IDT_START: u64 = 0x520;
+/// Address of the (empty) IDT, right after the GDT.
+pub const IDT_START: u64 = GDT_START + 8 * GDT_ENTRIES as u64;
+/// Entries in the boot GDT.
+pub const GDT_ENTRIES: usize = 6;
 /// Address of the PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
 const PVH_MODLIST_START: u64 = 0x6040;
@@ -60,6 +63,11 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+/// `xloadflags` bit: the bzImage has a 64-bit entry at +0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Where a bzImage's decompressor places the kernel at the least
+/// (`LOAD_PHYSICAL_ADDR`), when its header asks for less.
+const BZIMAGE_MIN_LOAD: u64 = 0x100_0000;
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
@@ -86,6 +94,9 @@ pub enum BootError {
         /// The bzImage loader's complaint.
         bzimage: linux_loader::loader::Error,
     },
+    /// A bzImage without a 64-bit entry point.
+    #[error("kernel {0} is a bzImage without a 64-bit entry (XLF_KERNEL_64 not set)")]
+    No64BitEntry(String),
     /// `entry: pvh` was asked for but the kernel has no PVH note.
     #[error(
         "kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use \"entry\": \"linux\""
@@ -166,10 +177,16 @@ pub fn load(
             addr: loaded.kernel_load.raw_value(),
             protocol: EntryProtocol::Linux,
         },
-        EntryProtocol::Linux => EntryPoint {
-            addr: loaded.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
-            protocol: EntryProtocol::Linux,
-        },
+        EntryProtocol::Linux => {
+            let xloadflags = loaded.setup_header.map_or(0, |h| h.xloadflags);
+            if xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::No64BitEntry(kpath));
+            }
+            EntryPoint {
+                addr: loaded.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
+                protocol: EntryProtocol::Linux,
+            }
+        }
         EntryProtocol::Pvh => match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) if is_elf => EntryPoint {
                 addr: addr.raw_value(),
@@ -188,7 +205,16 @@ pub fn load(
         .as_bytes()
         .len() as u32;
 
-    let kernel_end = loaded.kernel_end;
+    // A bzImage decompresses to its preferred address and needs `init_size`
+    // bytes there: the initrd must stay above that too.
+    let kernel_end = match loaded.setup_header {
+        Some(h) => loaded.kernel_end.max(
+            h.pref_address
+                .max(BZIMAGE_MIN_LOAD)
+                .saturating_add(u64::from(h.init_size)),
+        ),
+        None => loaded.kernel_end,
+    };
     let initrd = match &kernel.initrd {
         Some(path) => Some(load_initrd(ram, path, kernel_end)?),
         None => None,
@@ -384,12 +410,8 @@ fn write_pvh_info(
 }
 
 /// Writes the GDT for the chosen entry and the identity-mapped page tables
-/// (first GiB, 2 MiB pages) for a 64-bit entry. Returns the GDT entries so
-/// the vCPU's segment registers can be derived from them.
-pub fn write_gdt_and_page_tables(
-    ram: &GuestRam,
-    protocol: EntryProtocol,
-) -> Result<[u64; 5], BootError> {
+/// (first GiB, 2 MiB pages) for a 64-bit entry.
+pub fn write_gdt_and_page_tables(ram: &GuestRam, protocol: EntryProtocol) -> Result<(), BootError> {
     let mem = &ram.memory;
     let gdt = gdt_for(protocol);
     let werr = |what: &'static str| {
@@ -415,11 +437,12 @@ pub fn write_gdt_and_page_tables(
                 .map_err(werr("the page tables"))?;
         }
     }
-    Ok(gdt)
+    Ok(())
 }
 
-/// GDT layout, Linux's boot selectors: 0x10 code, 0x18 data, 0x20 TSS.
-pub fn gdt_for(protocol: EntryProtocol) -> [u64; 5] {
+/// GDT layout, Linux's boot selectors: 0x10 code, 0x18 data, 0x20 TSS
+/// (16 bytes in long mode: the last entry is its upper half).
+pub fn gdt_for(protocol: EntryProtocol) -> [u64; GDT_ENTRIES] {
     let code = match protocol {
         EntryProtocol::Linux => gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
         EntryProtocol::Pvh => gdt_entry(0xc09b, 0, 0xfffff),   // 32-bit code
@@ -430,6 +453,7 @@ pub fn gdt_for(protocol: EntryProtocol) -> [u64; 5] {
         code,
         gdt_entry(0xc093, 0, 0xfffff), // data
         gdt_entry(0x808b, 0, 0xfffff), // TSS
+        0,                             // TSS, upper half
     ]
 }
 
@@ -460,6 +484,23 @@ mod tests {
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(0x808b, 0, 0xfffff), 0x008f_8b00_0000_ffff);
+    }
+
+    #[test]
+    fn gdt_and_idt_do_not_overlap_in_memory() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        write_gdt_and_page_tables(&ram, EntryProtocol::Linux).unwrap();
+        let gdt = gdt_for(EntryProtocol::Linux);
+        for (i, e) in gdt.iter().enumerate() {
+            let got: u64 = ram
+                .memory
+                .read_obj(GuestAddress(GDT_START + 8 * i as u64))
+                .unwrap();
+            assert_eq!(got, *e, "GDT entry {i}");
+        }
+        assert!(IDT_START >= GDT_START + 8 * GDT_ENTRIES as u64);
+        let idt: u64 = ram.memory.read_obj(GuestAddress(IDT_START)).unwrap();
+        assert_eq!(idt, 0);
     }
 
     #[test]

@@ -17,7 +17,7 @@ const EDX_HTT: u32 = 1 << 28;
 /// KVM reports only subleaf 0 of the extended topology leaves (0xb, 0x1f);
 /// a guest that finds no core level puts every vCPU in a package of its
 /// own, so the SMT, core and terminating subleaves are written out here.
-pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
+pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> Result<CpuId, CpuidError> {
     let apic_id = u32::from(index);
     let count = u32::from(count);
     // Bits needed to number the cores in the x2APIC id.
@@ -42,9 +42,16 @@ pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     for e in entries.iter_mut() {
         patch_entry(e, apic_id, count, core_shift);
     }
-    // Only grows by 4 entries over what KVM returned; fall back to the
-    // unmodified list rather than fail if the wrapper refuses the size.
-    CpuId::from_entries(&entries).unwrap_or_else(|_| supported.clone())
+    CpuId::from_entries(&entries).map_err(|_| CpuidError::TooManyEntries(entries.len()))
+}
+
+/// Why a vCPU's CPUID could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuidError {
+    /// KVM's list plus the topology subleaves exceed what KVM_SET_CPUID2
+    /// takes.
+    #[error("CPUID needs {0} entries, more than KVM takes")]
+    TooManyEntries(usize),
 }
 
 fn patch_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, count: u32, core_shift: u32) {
@@ -109,7 +116,7 @@ mod tests {
         // As KVM reports it: subleaf 0 only.
         let base =
             CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0x4000_0000, 0)]).unwrap();
-        let c = for_vcpu(&base, 3, 4);
+        let c = for_vcpu(&base, 3, 4).unwrap();
         let e = c.as_slice();
         assert_eq!(e.len(), 5);
         assert_eq!(e[0].ebx >> 24, 3);
@@ -136,7 +143,7 @@ mod tests {
             ..Default::default()
         }])
         .unwrap();
-        let c = for_vcpu(&base, 0, 1);
+        let c = for_vcpu(&base, 0, 1).unwrap();
         assert_eq!(c.as_slice()[0].edx & EDX_HTT, 0);
     }
 }

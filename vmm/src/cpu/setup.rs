@@ -48,6 +48,9 @@ pub enum SetupError {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// The MSR list could not be built.
+    #[error("cannot build the list of {0} boot MSRs")]
+    MsrList(usize),
     /// KVM took fewer MSRs than given.
     #[error("KVM_SET_MSRS set {set} of {total} boot MSRs")]
     Msrs {
@@ -82,10 +85,7 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), SetupError> {
         data,
         ..Default::default()
     });
-    let msrs = Msrs::from_entries(&entries).map_err(|_| SetupError::Msrs {
-        set: 0,
-        total: entries.len(),
-    })?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| SetupError::MsrList(entries.len()))?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         return Err(SetupError::Msrs {

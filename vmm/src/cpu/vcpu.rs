@@ -62,6 +62,20 @@ pub fn monotonic_ns() -> u64 {
 /// Runs `vcpu` until the VM stops or the guest ends; reports the end on
 /// `ctx.stop_tx`.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    // If this thread dies by a panic, say so instead of leaving the VMM
+    // waiting for a stop reason that never comes.
+    struct PanicGuard<'a>(&'a VcpuContext);
+    impl Drop for PanicGuard<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.0.stop_tx.send(StopReason::Failure(format!(
+                    "vCPU {} thread panicked",
+                    self.0.index
+                )));
+            }
+        }
+    }
+    let _guard = PanicGuard(&ctx);
     if ctx.trace_first_run {
         eprintln!(
             "outboard: boot-trace first-kvm-run monotonic_ns={}",
