@@ -35,14 +35,14 @@ pub enum StopReason {
 }
 
 /// Sends a [`StopReason`] when triggered (the i8042 reset line).
-pub struct StopTrigger {
+pub(crate) struct StopTrigger {
     tx: Mutex<Sender<StopReason>>,
     reason: StopReason,
 }
 
 impl StopTrigger {
     /// A trigger that sends `reason` on `tx`.
-    pub fn new(tx: Sender<StopReason>, reason: StopReason) -> Self {
+    pub(crate) fn new(tx: Sender<StopReason>, reason: StopReason) -> Self {
         StopTrigger {
             tx: Mutex::new(tx),
             reason,

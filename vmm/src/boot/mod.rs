@@ -111,28 +111,31 @@ pub enum BootError {
         size: u64,
     },
     /// Reading the initrd into guest memory failed.
-    #[error("cannot read initrd {path} into guest memory: {reason}")]
+    #[error("cannot read initrd {path} into guest memory: {source}")]
     Initrd {
         /// The path.
         path: String,
         /// Why.
-        reason: String,
+        source: Cause,
     },
     /// The command line is invalid.
     #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] Cause),
     /// Writing a boot structure failed.
-    #[error("cannot write {what} to guest memory: {reason}")]
+    #[error("cannot write {what} to guest memory: {source}")]
     Write {
         /// The structure.
         what: &'static str,
         /// Why.
-        reason: String,
+        source: Cause,
     },
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
 }
+
+/// The underlying error of a [`BootError`], whichever crate it came from.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where and how the boot vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,10 +201,10 @@ pub fn load(
 
     let cmdline = build_cmdline(&kernel.cmdline, extra_cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(|e| BootError::Cmdline(e.into()))?;
     let cmdline_len = cmdline
         .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .map_err(|e| BootError::Cmdline(e.into()))?
         .as_bytes()
         .len() as u32;
 
@@ -240,7 +243,7 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 }
 
 fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError> {
-    let err = |e: linux_loader::cmdline::Error| BootError::Cmdline(e.to_string());
+    let err = |e: linux_loader::cmdline::Error| BootError::Cmdline(e.into());
     let mut cmdline = Cmdline::new(MAX_CMDLINE_LEN).map_err(err)?;
     if !base.trim().is_empty() {
         cmdline.insert_str(base.trim()).map_err(err)?;
@@ -288,12 +291,12 @@ fn load_initrd(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<Initrd, B
         .get_slice(GuestAddress(addr), len)
         .map_err(|e| BootError::Initrd {
             path: spath.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     file.read_exact_volatile(&mut slice.clone())
         .map_err(|e| BootError::Initrd {
             path: spath,
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     Ok(Initrd { addr, size })
 }
@@ -346,7 +349,7 @@ fn write_zero_page(
     if e820.len() > params.e820_table.len() {
         return Err(BootError::Write {
             what: "the E820 map",
-            reason: format!("{} entries is too many", e820.len()),
+            source: format!("{} entries is too many", e820.len()).into(),
         });
     }
     for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(e820) {
@@ -361,7 +364,7 @@ fn write_zero_page(
     )
     .map_err(|e| BootError::Write {
         what: "the zero page",
-        reason: e.to_string(),
+        source: e.into(),
     })
 }
 
@@ -405,7 +408,7 @@ fn write_pvh_info(
     PvhBootConfigurator::write_bootparams::<crate::memory::GuestMemory>(&params, &ram.memory)
         .map_err(|e| BootError::Write {
             what: "the PVH start info",
-            reason: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -417,7 +420,7 @@ pub fn write_gdt_and_page_tables(ram: &GuestRam, protocol: EntryProtocol) -> Res
     let werr = |what: &'static str| {
         move |e: vm_memory::GuestMemoryError| BootError::Write {
             what,
-            reason: e.to_string(),
+            source: e.into(),
         }
     };
     for (i, entry) in gdt.iter().enumerate() {
@@ -442,7 +445,7 @@ pub fn write_gdt_and_page_tables(ram: &GuestRam, protocol: EntryProtocol) -> Res
 
 /// GDT layout, Linux's boot selectors: 0x10 code, 0x18 data, 0x20 TSS
 /// (16 bytes in long mode: the last entry is its upper half).
-pub fn gdt_for(protocol: EntryProtocol) -> [u64; GDT_ENTRIES] {
+pub(crate) fn gdt_for(protocol: EntryProtocol) -> [u64; GDT_ENTRIES] {
     let code = match protocol {
         EntryProtocol::Linux => gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
         EntryProtocol::Pvh => gdt_entry(0xc09b, 0, 0xfffff),   // 32-bit code
@@ -459,7 +462,7 @@ pub fn gdt_for(protocol: EntryProtocol) -> [u64; GDT_ENTRIES] {
 
 /// Packs a GDT descriptor from flags (access byte and granularity nibble,
 /// as Linux's `GDT_ENTRY` macro), base and limit.
-pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+pub(crate) fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((u64::from(base) & 0xff00_0000) << (56 - 24))
         | ((u64::from(flags) & 0x0000_f0ff) << 40)
         | ((u64::from(limit) & 0x000f_0000) << (48 - 16))
@@ -468,7 +471,7 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// Reads guest memory at `addr`, for error reports (instruction bytes).
-pub fn read_bytes(ram: &GuestRam, addr: u64, len: usize) -> Option<Vec<u8>> {
+pub(crate) fn read_bytes(ram: &GuestRam, addr: u64, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
     ram.memory.read_slice(&mut buf, GuestAddress(addr)).ok()?;
     Some(buf)

@@ -174,7 +174,7 @@ pub fn setup_boot_vcpu(
 }
 
 /// Unpacks GDT entry `entry` at index `index` into a KVM segment register.
-pub fn segment(entry: u64, index: u16) -> kvm_segment {
+pub(crate) fn segment(entry: u64, index: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24);
     let mut limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
     let g = ((entry >> 55) & 1) as u8;

@@ -49,7 +49,7 @@ pub struct VcpuContext {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock `std::time::Instant` uses).
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
