@@ -2,9 +2,12 @@
 //! buses, and turns the exits that end the guest into a [`StopReason`].
 //!
 //! Stopping: the VMM sets the shared stop flag and signals the thread with
-//! [`kick_signal`] until it leaves; the signal makes `KVM_RUN` return
-//! `EINTR`, and the flag is checked before every entry.
+//! [`kick_signal`]. The handler sets `kvm_run.immediate_exit`, so the kick
+//! is not lost even when it lands between the flag check and the next
+//! `KVM_RUN`: that `KVM_RUN` returns `EINTR` at once and the flag is read
+//! again (Firecracker's scheme).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -24,10 +27,26 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-/// Installs the (empty) handler for [`kick_signal`]; call once per process.
+thread_local! {
+    /// This vCPU thread's `kvm_run.immediate_exit` byte, null elsewhere.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the handler for [`kick_signal`]; call once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        IMMEDIATE_EXIT.with(|p| {
+            let p = p.get();
+            if !p.is_null() {
+                // SAFETY: p points into this thread's kvm_run mapping, which
+                // lives as long as the thread's VcpuFd; it is cleared before
+                // the VcpuFd is dropped. A volatile byte store is
+                // async-signal-safe.
+                unsafe { std::ptr::write_volatile(p, 1) };
+            }
+        });
+    }
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
@@ -76,6 +95,16 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
     }
     let _guard = PanicGuard(&ctx);
+    // Lets the kick handler reach this vCPU's immediate_exit; cleared again
+    // on every way out of this function, before `vcpu` is dropped.
+    struct ImmediateExitRegistration;
+    impl Drop for ImmediateExitRegistration {
+        fn drop(&mut self) {
+            IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        }
+    }
+    IMMEDIATE_EXIT.with(|p| p.set(&mut vcpu.get_kvm_run().immediate_exit as *mut u8));
+    let _registration = ImmediateExitRegistration;
     if ctx.trace_first_run {
         eprintln!(
             "outboard: boot-trace first-kvm-run monotonic_ns={}",
@@ -88,7 +117,10 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
         let outcome = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                None
+            }
             Err(e) => Some(StopReason::Failure(format!(
                 "vCPU {}: KVM_RUN failed: {e}",
                 ctx.index
