@@ -3,7 +3,8 @@
 //!
 //! This crate is the VMM: the JSON [`config`], guest [`memory`], the
 //! [`boot`] path (Linux boot protocol and PVH), [`cpu`] set-up and vCPU
-//! threads, the [`legacy`] port devices, and the [`vm`] that ties them
+//! threads, the [`legacy`] port devices, the [`mmio`] bus, and the [`vm`]
+//! that ties them
 //! together.
 
 pub mod boot;
@@ -13,4 +14,5 @@ pub mod host;
 pub mod legacy;
 pub mod logger;
 pub mod memory;
+pub mod mmio;
 pub mod vm;

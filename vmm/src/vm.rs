@@ -23,6 +23,7 @@ use crate::config::{ConsoleInput, ConsoleOutput, VmConfig};
 use crate::cpu::{cpuid, setup, vcpu};
 use crate::legacy::{IrqTrigger, PortBus, SerialConsole, StopReason, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryError};
+use crate::mmio::MmioBus;
 
 /// Where KVM keeps the TSS it needs for real-mode emulation (3 pages,
 /// inside the MMIO hole, below the IOAPIC).
@@ -112,6 +113,7 @@ pub struct Vm {
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     ram: Arc<GuestRam>,
     ports: Arc<PortBus>,
+    mmio: Arc<MmioBus>,
     serial: Arc<Mutex<SerialConsole>>,
     stop_rx: Receiver<StopReason>,
     stop_tx: std::sync::mpsc::Sender<StopReason>,
@@ -209,6 +211,7 @@ impl Vm {
             vcpus,
             ram: Arc::new(ram),
             ports,
+            mmio: Arc::new(MmioBus::new()),
             serial,
             stop_rx,
             stop_tx,
@@ -234,6 +237,7 @@ impl Vm {
             let ctx = vcpu::VcpuContext {
                 index: index as u8,
                 ports: self.ports.clone(),
+                mmio: self.mmio.clone(),
                 ram: self.ram.clone(),
                 stop_tx: self.stop_tx.clone(),
                 stop: stop.clone(),

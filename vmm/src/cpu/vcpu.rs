@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::boot;
 use crate::legacy::{PortBus, StopReason};
 use crate::memory::GuestRam;
+use crate::mmio::MmioBus;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -56,6 +57,8 @@ pub struct VcpuContext {
     pub index: u8,
     /// Legacy port devices.
     pub ports: Arc<PortBus>,
+    /// MMIO devices.
+    pub mmio: Arc<MmioBus>,
     /// Guest memory, for reading instruction bytes in error reports.
     pub ram: Arc<GuestRam>,
     /// Where to report why the guest stopped.
@@ -149,12 +152,14 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<StopReason> {
             ctx.ports.write(port, data);
             None
         }
-        VcpuExit::MmioRead(_, data) => {
-            // Nothing is mapped there yet: reads float high.
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.mmio.read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(..) => None,
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+            None
+        }
         VcpuExit::Hlt => {
             // With the in-kernel LAPIC a halt is handled by KVM; a halt that
             // reaches us means interrupts can never wake the vCPU.
