@@ -120,6 +120,7 @@ pub extern "C" fn isr_dispatch(frame: &mut Frame) {
             lapic::eoi();
         }
         v if v == lapic::SPURIOUS_VECTOR => {}
+        v if v == crate::blk::IRQ_VECTOR => crate::virtio_mmio::irq(),
         _ => fatal(frame),
     }
 }

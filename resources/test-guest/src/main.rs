@@ -10,10 +10,12 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod bootinfo;
 mod cpu;
 mod entry;
 mod interrupts;
+mod ioapic;
 mod lapic;
 mod memtest;
 mod mptable;
@@ -21,6 +23,8 @@ mod paging;
 mod scenario;
 mod serial;
 mod smp;
+mod virtio_mmio;
+mod virtqueue;
 
 use core::fmt::Write;
 

@@ -121,3 +121,44 @@ pub fn is_mapped(addr: u64, len: u64) -> bool {
     }
     true
 }
+
+/// Makes sure `[addr, addr + len)` (a device's MMIO window) is mapped
+/// uncached: true if it lies in the 3..4 GiB hole (mapped UC by `init`);
+/// otherwise unmapped 2 MiB pages are added uncached and the TLB flushed.
+/// False if any page is already mapped (as RAM) or lies beyond `MAX_PHYS`.
+///
+/// # Safety
+/// BSP only, with no AP running (the tables are shared and not locked).
+pub unsafe fn ensure_uncached(addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    if len == 0 || end > MAX_PHYS {
+        return false;
+    }
+    if addr >= HOLE_START && end <= HOLE_END {
+        return true;
+    }
+    // SAFETY: the caller guarantees exclusive access (BSP, no APs).
+    let t = unsafe { &mut *core::ptr::addr_of_mut!(TABLES) };
+    let mut used = 0u64;
+    for gi in 0..MAX_PDS {
+        if t.pdpt.0[gi] & PRESENT != 0 {
+            used |= 1 << gi;
+        }
+    }
+    let mut b = Builder { t, used };
+    let mut a = addr & !(PAGE_2M - 1);
+    while a < end {
+        let gi = (a / GIB) as usize;
+        if b.used & (1 << gi) != 0 && b.t.pds[gi].0[((a / PAGE_2M) % 512) as usize] & PRESENT != 0 {
+            return false;
+        }
+        a += PAGE_2M;
+    }
+    b.map_range(addr, end, FLAGS_UC);
+    let cr3 = core::ptr::addr_of!(b.t.pml4) as u64;
+    // SAFETY: same tables, only new entries added: reloading CR3 flushes the TLB.
+    unsafe { cpu::write_cr3(cr3) };
+    true
+}
