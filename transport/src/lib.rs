@@ -1,7 +1,9 @@
 //! Transports: how a device's registers, queues and interrupts reach the
 //! guest. Today: the virtio-mmio register model ([`virtio_mmio`]), generic
-//! over the device behind it ([`VirtioDevice`]).
+//! over the device behind it ([`VirtioDevice`]), and the vhost-user frontend
+//! ([`vhost_user`]), a [`VirtioDevice`] whose data path is another process.
 
+pub mod vhost_user;
 pub mod virtio_mmio;
 
 /// A virtio device as a transport sees it: identity, features, config

@@ -10,7 +10,12 @@
 //!     "cmdline": "console=ttyS0 reboot=k",
 //!     "entry": "linux"
 //!   },
-//!   "console": { "output": "stdout", "input": "auto" }
+//!   "console": { "output": "stdout", "input": "auto" },
+//!   "devices": [
+//!     { "id": "disk0", "kind": "vhost-user-blk", "transport": "mmio",
+//!       "spawn": { "args": ["--image", "disk.img", "--queues", "2"] } },
+//!     { "id": "disk1", "kind": "vhost-user-blk", "socket": "/run/qsd.sock" }
+//!   ]
 //! }
 //! ```
 //!
@@ -32,6 +37,12 @@ pub const MAX_VCPUS: u8 = 254;
 /// Largest guest memory: 1 TiB (4 levels of paging reach far more; this
 /// keeps `memory_mib << 20` and the address map well inside u64).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most devices: one per IOAPIC pin from 5 to 23.
+pub const MAX_DEVICES: usize = 19;
+/// Longest device id.
+pub const MAX_DEVICE_ID_LEN: usize = 32;
+/// Largest virtqueue size (virtio spec: split rings up to 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Longest kernel command line (Linux x86 `COMMAND_LINE_SIZE`, with its NUL).
 pub const MAX_CMDLINE_LEN: usize = 2048;
 
@@ -75,6 +86,97 @@ pub struct VmConfig {
     /// The serial console.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Devices served by device processes.
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One device served by a device process.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Name in logs and errors; unique. Default: `<kind><index>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// What the device is and which protocol reaches it.
+    pub kind: DeviceKind,
+    /// How the guest sees it.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// Start the in-tree device process (exclusive with `socket`).
+    #[serde(default)]
+    pub spawn: Option<SpawnConfig>,
+    /// Connect to a backend someone else started, listening on this unix
+    /// socket (exclusive with `spawn`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Largest virtqueue size offered to the driver (a power of two).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+}
+
+fn default_queue_size() -> u16 {
+    256
+}
+
+impl DeviceConfig {
+    /// The device's name: its `id`, or `<kind><index>`.
+    pub fn name(&self, index: usize) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{}{index}", self.kind))
+    }
+}
+
+/// Device kinds.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk over vhost-user (`outboard-blk` when spawned).
+    #[serde(rename = "vhost-user-blk")]
+    VhostUserBlk,
+}
+
+impl DeviceKind {
+    /// The in-tree program that serves this kind when spawned.
+    pub fn program(&self) -> &'static str {
+        match self {
+            DeviceKind::VhostUserBlk => "outboard-blk",
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceKind::VhostUserBlk => "vhost-user-blk",
+        })
+    }
+}
+
+/// How a device is shown to the guest.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// virtio-mmio, announced on the kernel command line.
+    #[default]
+    Mmio,
+}
+
+/// A device process the VMM starts and supervises.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnConfig {
+    /// The program; default: the kind's in-tree program next to the
+    /// `outboard` binary.
+    #[serde(default)]
+    pub program: Option<PathBuf>,
+    /// Its arguments; the VMM adds the socket (`--listen-fd`). The process
+    /// runs in the config file's directory, so relative paths work.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Working directory (the config file's directory).
+    #[serde(skip)]
+    pub dir: PathBuf,
 }
 
 /// vCPU count and memory size.
@@ -219,6 +321,21 @@ impl VmConfig {
         if let Some(p) = self.console.path.as_mut() {
             resolve(p);
         }
+        for d in &mut self.devices {
+            if let Some(p) = d.socket.as_mut() {
+                resolve(p);
+            }
+            if let Some(s) = d.spawn.as_mut() {
+                if let Some(p) = s.program.as_mut() {
+                    // A bare name is looked up in $PATH, a path is relative
+                    // to the config file.
+                    if p.components().count() > 1 {
+                        resolve(p);
+                    }
+                }
+                s.dir = base.to_path_buf();
+            }
+        }
     }
 
     /// Checks every field; the first problem found is returned.
@@ -300,6 +417,68 @@ impl VmConfig {
                 )
             }
             _ => {}
+        }
+        self.validate_devices()
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String| Err(ConfigError::Invalid { field, problem });
+        if self.devices.len() > MAX_DEVICES {
+            return invalid(
+                "devices",
+                format!(
+                    "{} devices is more than the {MAX_DEVICES} allowed",
+                    self.devices.len()
+                ),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let name = d.name(i);
+            if let Some(id) = &d.id {
+                let ok = !id.is_empty()
+                    && id.len() <= MAX_DEVICE_ID_LEN
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !ok {
+                    return invalid(
+                        "devices[].id",
+                        format!("{id:?} must be 1 to {MAX_DEVICE_ID_LEN} characters of A-Z, a-z, 0-9, '-' and '_'"),
+                    );
+                }
+            }
+            if !names.insert(name.clone()) {
+                return invalid("devices[].id", format!("{name:?} is used twice"));
+            }
+            match (&d.spawn, &d.socket) {
+                (Some(_), Some(_)) => {
+                    return invalid(
+                        "devices[].spawn",
+                        format!("device {name:?} has both `spawn` and `socket`; give one"),
+                    )
+                }
+                (None, None) => {
+                    return invalid(
+                        "devices[].spawn",
+                        format!("device {name:?} needs `spawn` (start the device process) or `socket` (connect to a running one)"),
+                    )
+                }
+                (None, Some(p)) if p.as_os_str().is_empty() => {
+                    return invalid("devices[].socket", format!("device {name:?}: is empty"))
+                }
+                _ => {}
+            }
+            if d.queue_size == 0 || !d.queue_size.is_power_of_two() || d.queue_size > MAX_QUEUE_SIZE
+            {
+                return invalid(
+                    "devices[].queue_size",
+                    format!(
+                        "device {name:?}: {} is not a power of two from 1 to {MAX_QUEUE_SIZE}",
+                        d.queue_size
+                    ),
+                );
+            }
         }
         Ok(())
     }

@@ -3,13 +3,14 @@
 //!
 //! This crate is the VMM: the JSON [`config`], guest [`memory`], the
 //! [`boot`] path (Linux boot protocol and PVH), [`cpu`] set-up and vCPU
-//! threads, the [`legacy`] port devices, the [`mmio`] bus, and the [`vm`]
-//! that ties them
+//! threads, the [`legacy`] port devices, the [`mmio`] bus, the
+//! [`devices`] served by device processes, and the [`vm`] that ties them
 //! together.
 
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod devices;
 pub mod host;
 pub mod legacy;
 pub mod logger;

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::config::{ConsoleInput, ConsoleOutput, VmConfig};
 use crate::cpu::{cpuid, setup, vcpu};
+use crate::devices::{DeviceError, Devices};
 use crate::legacy::{IrqTrigger, PortBus, SerialConsole, StopReason, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryError};
 use crate::mmio::MmioBus;
@@ -57,6 +58,9 @@ pub enum VmError {
     /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A device could not be set up.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// Loading the kernel failed.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -114,6 +118,7 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     ports: Arc<PortBus>,
     mmio: Arc<MmioBus>,
+    devices: Devices,
     serial: Arc<Mutex<SerialConsole>>,
     stop_rx: Receiver<StopReason>,
     stop_tx: std::sync::mpsc::Sender<StopReason>,
@@ -155,7 +160,14 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let entry = boot::load(&ram, &config.kernel, config.machine.vcpus, &[])?;
+        let mut mmio = MmioBus::new();
+        let devices = Devices::new(&config.devices, &vm, &ram, &mut mmio)?;
+        let entry = boot::load(
+            &ram,
+            &config.kernel,
+            config.machine.vcpus,
+            devices.cmdline(),
+        )?;
         boot::write_gdt_and_page_tables(&ram, entry.protocol)?;
 
         let (stop_tx, stop_rx) = channel();
@@ -211,7 +223,8 @@ impl Vm {
             vcpus,
             ram: Arc::new(ram),
             ports,
-            mmio: Arc::new(MmioBus::new()),
+            mmio: Arc::new(mmio),
+            devices,
             serial,
             stop_rx,
             stop_tx,
@@ -231,6 +244,8 @@ impl Vm {
             what: "cannot install the SIGINT/SIGTERM handlers",
             source,
         })?;
+        let mut devices = self.devices;
+        devices.start_monitor()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -282,6 +297,7 @@ impl Vm {
             }
         };
         stop_threads(&stop, threads);
+        devices.shutdown();
         if let Ok(mut s) = self.serial.lock() {
             let _ = s.writer_mut().flush();
         }
