@@ -63,6 +63,18 @@ fn run_build_script(script: &str) -> PathBuf {
     PathBuf::from(last)
 }
 
+/// A program cargo built next to the `outboard` binary (the device
+/// processes: `outboard-blk`).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let p = outboard_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} not found: run `cargo build --workspace --bins` first (tests/run does)",
+        p.display()
+    );
+    p
+}
+
 /// The test guest ELF, built and cached by `resources/test-guest/build.sh`.
 pub fn test_guest() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -173,6 +185,8 @@ pub struct VmSpec {
     pub cmdline: String,
     /// "linux" or "pvh".
     pub entry: &'static str,
+    /// Entries of the config's `devices` array, as JSON objects.
+    pub devices: Vec<String>,
 }
 
 impl VmSpec {
@@ -185,6 +199,7 @@ impl VmSpec {
             initrd: None,
             cmdline: cmdline.to_string(),
             entry: "linux",
+            devices: Vec::new(),
         }
     }
 
@@ -203,8 +218,10 @@ impl VmSpec {
             ));
         }
         format!(
-            r#"{{"machine": {{"vcpus": {}, "memory_mib": {}}}, "kernel": {{{kernel}}}, "console": {{"output": "stdout", "input": "none"}}}}"#,
-            self.vcpus, self.memory_mib
+            r#"{{"machine": {{"vcpus": {}, "memory_mib": {}}}, "kernel": {{{kernel}}}, "console": {{"output": "stdout", "input": "none"}}, "devices": [{}]}}"#,
+            self.vcpus,
+            self.memory_mib,
+            self.devices.join(", ")
         )
     }
 }
@@ -293,6 +310,42 @@ pub fn run_config(json: &str, deadline: Duration, stop_at: Option<&str>) -> RunO
 
 /// Runs the VMM with `args`; see [`run_config`].
 pub fn run_args(args: &[&std::ffi::OsStr], deadline: Duration, stop_at: Option<&str>) -> RunOutput {
+    run_args_with_hook(args, deadline, stop_at, None)
+}
+
+/// Something to do once, mid-run: when the serial output first contains
+/// `marker`, `action` is called with the VMM's pid.
+pub struct Hook<'a> {
+    /// What to wait for on the serial console.
+    pub marker: &'a str,
+    /// What to do then.
+    pub action: Box<dyn FnOnce(u32) + 'a>,
+}
+
+/// Like [`run_config`], with a [`Hook`].
+pub fn run_config_with_hook(
+    json: &str,
+    deadline: Duration,
+    stop_at: Option<&str>,
+    hook: Hook<'_>,
+) -> RunOutput {
+    let dir = TempDir::new("vm");
+    let cfg = dir.0.join("vm.json");
+    std::fs::write(&cfg, json).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
+    run_args_with_hook(
+        &[std::ffi::OsStr::new("--config"), cfg.as_os_str()],
+        deadline,
+        stop_at,
+        Some(hook),
+    )
+}
+
+fn run_args_with_hook(
+    args: &[&std::ffi::OsStr],
+    deadline: Duration,
+    stop_at: Option<&str>,
+    mut hook: Option<Hook<'_>>,
+) -> RunOutput {
     let start = Instant::now();
     let mut child = Command::new(outboard_bin())
         .args(args)
@@ -326,13 +379,18 @@ pub fn run_args(args: &[&std::ffi::OsStr], deadline: Duration, stop_at: Option<&
         s
     });
     let mut timed_out = false;
+    let mut seen = String::new();
     let status = loop {
         if let Ok(Some(st)) = child.try_wait() {
             break st.code();
         }
-        let mut seen = String::new();
         while let Ok(s) = rx.try_recv() {
             seen = s;
+        }
+        if hook.as_ref().is_some_and(|h| seen.contains(h.marker)) {
+            if let Some(h) = hook.take() {
+                (h.action)(child.id());
+            }
         }
         let hit = stop_at.is_some_and(|m| seen.contains(m));
         if hit || start.elapsed() > deadline {
@@ -350,5 +408,126 @@ pub fn run_args(args: &[&std::ffi::OsStr], deadline: Duration, stop_at: Option<&
         stderr: err_thread.join().unwrap_or_default(),
         timed_out,
         elapsed,
+    }
+}
+
+/// The pids of `pid`'s child processes.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Word `i` of sector `s` in the test guest's `blk` pattern (see
+/// `resources/test-guest/README.md`).
+pub fn blk_pattern_word(sector: u64, i: u64, seed: u64) -> u64 {
+    (sector << 32) ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed
+}
+
+/// The first sector of `image` (among the first `sectors`) that does not
+/// hold the `blk` pattern for `seed`, or `None` when all do.
+pub fn blk_pattern_mismatch(image: &Path, seed: u64, sectors: u64) -> Option<u64> {
+    let data = std::fs::read(image).unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
+    (0..sectors).find(|&s| {
+        let Some(sector) = usize::try_from(s * 512)
+            .ok()
+            .and_then(|o| data.get(o..o + 512))
+        else {
+            return true;
+        };
+        sector
+            .chunks_exact(8)
+            .enumerate()
+            .any(|(i, w)| w != blk_pattern_word(s, i as u64, seed).to_le_bytes())
+    })
+}
+
+/// Creates a zero-filled raw image of `bytes`.
+pub fn raw_image(path: &Path, bytes: u64) {
+    let f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(bytes)
+        .unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
+}
+
+/// A config `devices` entry that has the VMM spawn `outboard-blk` on
+/// `image`, with `args` after the image.
+pub fn spawned_blk_device(id: &str, image: &Path, args: &[&str]) -> String {
+    let mut all = vec![json_str("--image"), json_str(&image.display().to_string())];
+    all.extend(args.iter().map(|a| json_str(a)));
+    format!(
+        r#"{{"id": "{id}", "kind": "vhost-user-blk", "transport": "mmio", "spawn": {{"args": [{}]}}}}"#,
+        all.join(", ")
+    )
+}
+
+/// A config `devices` entry that connects to a running vhost-user-blk
+/// backend.
+pub fn socket_blk_device(id: &str, socket: &Path) -> String {
+    format!(
+        r#"{{"id": "{id}", "kind": "vhost-user-blk", "socket": {}}}"#,
+        json_str(&socket.display().to_string())
+    )
+}
+
+/// A `qemu-storage-daemon` exporting an image as vhost-user-blk on a unix
+/// socket; killed on drop.
+pub struct StorageDaemon {
+    child: std::process::Child,
+    /// The socket it listens on.
+    pub socket: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Starts it and waits for its socket.
+    pub fn start(image: &Path, socket: &Path, queues: u16, writable: bool) -> Self {
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={},cache.direct=off",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable={},num-queues={queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start qemu-storage-daemon ({e}): install Debian's qemu-system-common (.ci/run does)")
+            });
+        let mut d = StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("qemu-storage-daemon exited with {st} before listening");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "qemu-storage-daemon did not create {} in 10 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

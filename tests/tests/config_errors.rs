@@ -157,3 +157,58 @@ fn kernel_that_is_not_a_kernel() {
     assert_eq!(errors.len(), 1, "{d}");
     assert!(errors[0].contains("cannot load kernel"), "{d}");
 }
+
+fn with_devices(devices: &str) -> String {
+    format!(
+        r#"{{"machine": {{"vcpus": 1, "memory_mib": 64}}, "kernel": {{"path": {}}}, "devices": [{devices}]}}"#,
+        kernel()
+    )
+}
+
+#[test]
+fn device_with_both_spawn_and_socket() {
+    assert_config_error(
+        &with_devices(
+            r#"{"id": "d0", "kind": "vhost-user-blk", "spawn": {"args": []}, "socket": "/x.sock"}"#,
+        ),
+        &["devices[].spawn", "\"d0\"", "both `spawn` and `socket`"],
+    );
+}
+
+#[test]
+fn device_without_a_backend() {
+    assert_config_error(
+        &with_devices(r#"{"kind": "vhost-user-blk"}"#),
+        &["\"vhost-user-blk0\"", "needs `spawn`", "or `socket`"],
+    );
+}
+
+#[test]
+fn device_of_unknown_kind() {
+    assert_config_error(
+        &with_devices(r#"{"kind": "floppy", "socket": "/x.sock"}"#),
+        &["unknown variant `floppy`", "vhost-user-blk"],
+    );
+}
+
+#[test]
+fn device_ids_must_be_unique_and_plain() {
+    assert_config_error(
+        &with_devices(
+            r#"{"id": "d0", "kind": "vhost-user-blk", "socket": "/a"}, {"id": "d0", "kind": "vhost-user-blk", "socket": "/b"}"#,
+        ),
+        &["devices[].id", "\"d0\" is used twice"],
+    );
+    assert_config_error(
+        &with_devices(r#"{"id": "d 0", "kind": "vhost-user-blk", "socket": "/a"}"#),
+        &["devices[].id", "\"d 0\""],
+    );
+}
+
+#[test]
+fn device_queue_size_must_be_a_power_of_two() {
+    assert_config_error(
+        &with_devices(r#"{"kind": "vhost-user-blk", "socket": "/a", "queue_size": 100}"#),
+        &["devices[].queue_size", "100 is not a power of two"],
+    );
+}

@@ -264,6 +264,11 @@ fn io_fail(e: IoError, timeout_ms: u32) -> ! {
                 q,
                 timeout_ms
             );
+            // DEVICE_NEEDS_RESET (0x40) here says the device broke.
+            outln!(
+                "blk device status={:#x}",
+                vm::irq_device_status()
+            );
             finish(Some("blk-timeout"))
         }
         IoError::Status(p, s) => {

@@ -178,6 +178,15 @@ pub fn irq_count() -> u32 {
     IRQ_COUNT.load(Ordering::Relaxed)
 }
 
+/// The device status byte of the device `irq` serves (0 when none).
+pub fn irq_device_status() -> u32 {
+    let base = IRQ_BASE.load(Ordering::Relaxed);
+    if base == 0 {
+        return 0;
+    }
+    Mmio { base }.read(REG_STATUS)
+}
+
 /// Interrupt handler: acknowledges every InterruptStatus bit, then EOIs.
 pub fn irq() {
     let base = IRQ_BASE.load(Ordering::Relaxed);
