@@ -1,10 +1,15 @@
 //! Transports: how a device's registers, queues and interrupts reach the
 //! guest. Today: the virtio-mmio register model ([`virtio_mmio`]), generic
 //! over the device behind it ([`VirtioDevice`]), and the vhost-user frontend
-//! ([`vhost_user`]), a [`VirtioDevice`] whose data path is another process.
+//! ([`vhost_user`]), a [`VirtioDevice`] whose data path is another process;
+//! a general PCI bus with MSI-X ([`pci`]) and virtio-pci ([`virtio_pci`]).
+//! [`common`] holds the virtio rules both virtio transports share.
 
+pub mod common;
+pub mod pci;
 pub mod vhost_user;
 pub mod virtio_mmio;
+pub mod virtio_pci;
 
 /// A virtio device as a transport sees it: identity, features, config
 /// space, and activation with the queues the driver set up. The device may

@@ -19,12 +19,14 @@
 //! only before the queue is ready and the driver is running, a queue size
 //! must be a power of two no larger than the device's maximum, features
 //! only while they are being negotiated, and the status byte only grows
-//! (0 resets). A device that fails to start sets DEVICE_NEEDS_RESET.
+//! (0 resets). A device that fails to start sets DEVICE_NEEDS_RESET. The
+//! rules themselves live in [`crate::common`], shared with virtio-pci.
 
 mod persist;
 
-pub use persist::{MmioState, RestoreError};
+pub use persist::MmioState;
 
+use crate::common::{status, QueueAddress};
 use crate::{QueueConfig, VirtioDevice};
 
 /// Size of a virtio-mmio device window.
@@ -38,28 +40,10 @@ const VERSION_MODERN: u32 = 2;
 const VENDOR_ID: u32 = 0x4f42_5244;
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
-/// Status bits (virtio spec 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is ready to drive it.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error and must be reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
-    /// The driver gave up on the device.
-    pub const FAILED: u8 = 0x80;
-}
-
 /// InterruptStatus bit: a queue has used buffers.
 pub const INT_VRING: u32 = 1;
 /// InterruptStatus bit: the configuration changed.
 pub const INT_CONFIG: u32 = 2;
-/// `VIRTIO_F_VERSION_1`: the modern interface; required.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// What the VMM must do after a guest access.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,12 +90,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The current status byte.
     pub fn status(&self) -> u8 {
-        self.state.status
+        self.state.common.status
     }
 
     /// The queues as the driver configured them.
     pub fn queues(&self) -> &[QueueConfig] {
-        &self.state.queues
+        &self.state.common.queues
     }
 
     /// Marks used buffers on a queue; returns whether to raise the line.
@@ -120,10 +104,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         true
     }
 
-    /// Announces a config change (or DEVICE_NEEDS_RESET); returns whether
-    /// to raise the line.
+    /// Announces a config change; returns whether to raise the line.
     pub fn signal_config_change(&mut self) -> bool {
-        self.state.config_generation = self.state.config_generation.wrapping_add(1);
+        let c = &mut self.state.common;
+        c.config_generation = c.config_generation.wrapping_add(1);
         self.state.interrupt_status |= INT_CONFIG;
         true
     }
@@ -131,12 +115,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device broke (its process died): set DEVICE_NEEDS_RESET and tell
     /// the driver. Returns whether to raise the line.
     pub fn set_needs_reset(&mut self) -> bool {
-        if self.state.status & status::DRIVER_OK == 0 {
-            self.state.status |= status::DEVICE_NEEDS_RESET;
-            return false;
+        let tell = self.state.common.set_needs_reset();
+        if tell {
+            self.state.interrupt_status |= INT_CONFIG;
         }
-        self.state.status |= status::DEVICE_NEEDS_RESET;
-        self.signal_config_change()
+        tell
     }
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
@@ -154,45 +137,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let s = &self.state;
+        let c = &s.common;
         let value: u32 = match offset {
             0x000 => MAGIC_VALUE,
             0x004 => VERSION_MODERN,
             0x008 => self.device.device_type(),
             0x00c => VENDOR_ID,
-            0x010 => match s.device_features_sel {
-                0 => self.device.device_features() as u32,
-                1 => (self.device.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            0x034 => self
-                .device
-                .queue_max_sizes()
-                .get(s.queue_sel as usize)
-                .copied()
-                .map_or(0, u32::from),
-            0x038 => s.selected_queue().map_or(0, |q| u32::from(q.size)),
-            0x044 => s.selected_queue().map_or(0, |q| u32::from(q.ready)),
+            0x010 => c.device_features_word(&self.device),
+            0x034 => u32::from(c.queue_max(&self.device)),
+            0x038 => c.selected_queue().map_or(0, |q| u32::from(q.size)),
+            0x044 => c.selected_queue().map_or(0, |q| u32::from(q.ready)),
             0x060 => {
-                if s.sticky_vring_interrupt && s.status & status::DRIVER_OK != 0 {
+                if s.sticky_vring_interrupt && c.status & status::DRIVER_OK != 0 {
                     s.interrupt_status | INT_VRING
                 } else {
                     s.interrupt_status
                 }
             }
-            0x070 => u32::from(s.status),
-            0x080 => s.selected_queue().map_or(0, |q| q.desc_table as u32),
-            0x084 => s
+            0x070 => u32::from(c.status),
+            0x080 => c.selected_queue().map_or(0, |q| q.desc_table as u32),
+            0x084 => c
                 .selected_queue()
                 .map_or(0, |q| (q.desc_table >> 32) as u32),
-            0x090 => s.selected_queue().map_or(0, |q| q.avail_ring as u32),
-            0x094 => s
+            0x090 => c.selected_queue().map_or(0, |q| q.avail_ring as u32),
+            0x094 => c
                 .selected_queue()
                 .map_or(0, |q| (q.avail_ring >> 32) as u32),
-            0x0a0 => s.selected_queue().map_or(0, |q| q.used_ring as u32),
-            0x0a4 => s.selected_queue().map_or(0, |q| (q.used_ring >> 32) as u32),
+            0x0a0 => c.selected_queue().map_or(0, |q| q.used_ring as u32),
+            0x0a4 => c.selected_queue().map_or(0, |q| (q.used_ring >> 32) as u32),
             // No shared memory regions: length -1.
             0x0b0 | 0x0b4 => u32::MAX,
-            0x0fc => s.config_generation,
+            0x0fc => c.config_generation,
             _ => 0,
         };
         data.copy_from_slice(&value.to_le_bytes());
@@ -201,7 +176,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// A guest write of `data` at `offset` in the window.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Effects {
         if offset >= CONFIG_SPACE_OFFSET {
-            if self.state.status & status::DRIVER != 0 {
+            if self.state.common.status & status::DRIVER != 0 {
                 self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
             }
             return Effects::default();
@@ -217,108 +192,52 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return Effects::default();
         }
         let v = u32::from_le_bytes(word);
-        let s = &mut self.state;
-        let negotiating = s.status & status::DRIVER != 0 && s.status & status::FEATURES_OK == 0;
-        let queue_setup = s.status & status::FEATURES_OK != 0 && s.status & status::DRIVER_OK == 0;
+        let c = &mut self.state.common;
         match offset {
-            0x014 => s.device_features_sel = v,
-            0x020 if negotiating => {
-                let shift = match s.driver_features_sel {
-                    0 => 0,
-                    1 => 32,
-                    _ => return Effects::default(),
-                };
-                let mask = 0xffff_ffffu64 << shift;
-                s.driver_features = (s.driver_features & !mask) | (u64::from(v) << shift);
+            0x014 => c.device_features_sel = v,
+            0x020 => c.write_driver_features(v),
+            0x024 => c.driver_features_sel = v,
+            0x030 => c.queue_sel = v,
+            0x038 => {
+                let max = c.queue_max(&self.device);
+                c.write_queue_size(max, v);
             }
-            0x024 => s.driver_features_sel = v,
-            0x030 => s.queue_sel = v,
-            0x038 if queue_setup => {
-                let max = self
-                    .device
-                    .queue_max_sizes()
-                    .get(s.queue_sel as usize)
-                    .copied();
-                if let (Some(q), Some(max)) = (s.selected_queue_mut(), max) {
-                    let ok = v != 0 && v <= u32::from(max) && v.is_power_of_two();
-                    if !q.ready && ok {
-                        q.size = v as u16;
-                    }
-                }
-            }
-            0x044 if queue_setup => {
-                if let Some(q) = s.selected_queue_mut() {
-                    q.ready = v == 1;
-                }
-            }
+            0x044 => c.write_queue_ready(v == 1),
             0x050 => {} // handled by an ioeventfd; nothing to do here
-            0x064 => s.interrupt_status &= !v,
-            0x070 => return self.write_status(v),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if queue_setup => {
-                if let Some(q) = s.selected_queue_mut().filter(|q| !q.ready) {
-                    let field = match offset & !0x7 {
-                        0x080 => &mut q.desc_table,
-                        0x090 => &mut q.avail_ring,
-                        _ => &mut q.used_ring,
-                    };
-                    *field = if offset & 0x4 == 0 {
-                        (*field & !0xffff_ffff) | u64::from(v)
-                    } else {
-                        (*field & 0xffff_ffff) | (u64::from(v) << 32)
-                    };
+            0x064 => self.state.interrupt_status &= !v,
+            0x070 => {
+                let change = c.write_status(&mut self.device, v as u8);
+                if change.reset {
+                    self.state.interrupt_status = 0;
                 }
+                let interrupt = change.needs_reset;
+                if interrupt {
+                    self.state.interrupt_status |= INT_CONFIG;
+                }
+                return Effects {
+                    interrupt,
+                    activated: change.activated,
+                    reset: change.reset,
+                };
+            }
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                let which = match offset & !0x7 {
+                    0x080 => QueueAddress::Desc,
+                    0x090 => QueueAddress::Avail,
+                    _ => QueueAddress::Used,
+                };
+                c.write_queue_address(which, offset & 0x4 != 0, v);
             }
             _ => log::debug!("virtio-mmio: ignored write {v:#x} at {offset:#x}"),
         }
         Effects::default()
-    }
-
-    fn write_status(&mut self, v: u32) -> Effects {
-        let new = v as u8;
-        if new == 0 {
-            self.device.reset();
-            self.state.reset();
-            return Effects {
-                reset: true,
-                ..Effects::default()
-            };
-        }
-        let old = self.state.status;
-        if new & old != old {
-            log::debug!("virtio-mmio: status {old:#x} -> {new:#x} clears bits; ignored");
-            return Effects::default();
-        }
-        let added = new & !old;
-        let mut status = new;
-        if added & status::FEATURES_OK != 0 {
-            let offered = self.device.device_features();
-            let wanted = self.state.driver_features;
-            if wanted & !offered != 0 || wanted & VIRTIO_F_VERSION_1 == 0 {
-                log::debug!("virtio-mmio: refused features {wanted:#x} (offered {offered:#x})");
-                status &= !status::FEATURES_OK;
-            }
-        }
-        let mut effects = Effects::default();
-        if added & status::DRIVER_OK != 0 && status & status::FEATURES_OK != 0 {
-            let features = self.state.driver_features;
-            match self.device.activate(features, &self.state.queues) {
-                Ok(()) => effects.activated = true,
-                Err(e) => {
-                    log::warn!("virtio-mmio: {e}");
-                    self.state.status = status;
-                    effects.interrupt = self.set_needs_reset();
-                    return effects;
-                }
-            }
-        }
-        self.state.status = status;
-        effects
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::VIRTIO_F_VERSION_1;
     use crate::ActivateError;
 
     #[derive(Default)]

@@ -4,91 +4,27 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{status, MmioTransport, INT_CONFIG, INT_VRING};
-use crate::{QueueConfig, VirtioDevice};
+use super::{MmioTransport, INT_CONFIG, INT_VRING};
+use crate::common::{CommonState, RestoreError};
+use crate::VirtioDevice;
 
 /// Everything the transport itself holds between guest accesses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
-    pub(super) status: u8,
-    pub(super) device_features_sel: u32,
-    pub(super) driver_features_sel: u32,
-    pub(super) driver_features: u64,
-    pub(super) queue_sel: u32,
-    pub(super) queues: Vec<QueueConfig>,
+    pub(super) common: CommonState,
     pub(super) interrupt_status: u32,
-    pub(super) config_generation: u32,
     pub(super) sticky_vring_interrupt: bool,
-}
-
-/// Why saved transport state was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RestoreError {
-    /// The saved state has another number of queues than the device.
-    #[error("saved virtio-mmio state has {saved} queues, the device has {device}")]
-    QueueCount {
-        /// In the saved state.
-        saved: usize,
-        /// On this device.
-        device: usize,
-    },
-    /// A queue size is not valid for this device.
-    #[error("saved queue {index} has size {size}, the device allows at most {max} (power of two)")]
-    QueueSize {
-        /// Which queue.
-        index: usize,
-        /// Its saved size.
-        size: u16,
-        /// The device's maximum.
-        max: u16,
-    },
-    /// The saved features include some the device does not offer.
-    #[error("saved driver features {saved:#x} are not offered by the device ({offered:#x})")]
-    Features {
-        /// Saved.
-        saved: u64,
-        /// Offered.
-        offered: u64,
-    },
-    /// Undefined bits in the status or interrupt registers.
-    #[error("saved virtio-mmio {0} has undefined bits set")]
-    Bits(&'static str),
 }
 
 impl MmioState {
     pub(super) fn new(queues: usize, sticky_vring_interrupt: bool) -> Self {
         MmioState {
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queues: vec![QueueConfig::default(); queues],
+            common: CommonState::new(queues),
             interrupt_status: 0,
-            config_generation: 0,
             sticky_vring_interrupt,
         }
     }
-
-    pub(super) fn reset(&mut self) {
-        *self = MmioState::new(self.queues.len(), self.sticky_vring_interrupt);
-    }
-
-    pub(super) fn selected_queue(&self) -> Option<&QueueConfig> {
-        self.queues.get(self.queue_sel as usize)
-    }
-
-    pub(super) fn selected_queue_mut(&mut self) -> Option<&mut QueueConfig> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
 }
-
-const KNOWN_STATUS: u8 = status::ACKNOWLEDGE
-    | status::DRIVER
-    | status::DRIVER_OK
-    | status::FEATURES_OK
-    | status::DEVICE_NEEDS_RESET
-    | status::FAILED;
 
 impl<D: VirtioDevice> MmioTransport<D> {
     /// The transport state to carry in a migration or snapshot.
@@ -100,33 +36,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// the device; on error nothing changes. The device's own state (and
     /// its queues' progress) is restored by the device, not here.
     pub fn restore(&mut self, saved: MmioState) -> Result<(), RestoreError> {
-        let maxes = self.device.queue_max_sizes();
-        if saved.queues.len() != maxes.len() {
-            return Err(RestoreError::QueueCount {
-                saved: saved.queues.len(),
-                device: maxes.len(),
-            });
-        }
-        for (index, (q, max)) in saved.queues.iter().zip(maxes).enumerate() {
-            let configured = q.size != 0 || q.ready;
-            if configured && (q.size > *max || !q.size.is_power_of_two()) {
-                return Err(RestoreError::QueueSize {
-                    index,
-                    size: q.size,
-                    max: *max,
-                });
-            }
-        }
-        let offered = self.device.device_features();
-        if saved.driver_features & !offered != 0 {
-            return Err(RestoreError::Features {
-                saved: saved.driver_features,
-                offered,
-            });
-        }
-        if saved.status & !KNOWN_STATUS != 0 {
-            return Err(RestoreError::Bits("status"));
-        }
+        saved.common.check(&self.device)?;
         if saved.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
             return Err(RestoreError::Bits("interrupt status"));
         }
@@ -138,7 +48,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ActivateError;
+    use crate::{ActivateError, QueueConfig};
 
     struct Dev;
     impl VirtioDevice for Dev {
@@ -149,7 +59,7 @@ mod tests {
             &[128]
         }
         fn device_features(&self) -> u64 {
-            super::super::VIRTIO_F_VERSION_1
+            crate::common::VIRTIO_F_VERSION_1
         }
         fn read_config(&self, _: u64, _: &mut [u8]) {}
         fn write_config(&mut self, _: u64, _: &[u8]) {}
@@ -161,16 +71,16 @@ mod tests {
 
     fn running() -> MmioTransport<Dev> {
         let mut t = MmioTransport::new(Dev, true);
-        t.state.status = 0xf;
-        t.state.driver_features = super::super::VIRTIO_F_VERSION_1;
-        t.state.queues[0] = QueueConfig {
+        t.state.common.status = 0xf;
+        t.state.common.driver_features = crate::common::VIRTIO_F_VERSION_1;
+        t.state.common.queues[0] = QueueConfig {
             size: 64,
             ready: true,
             desc_table: 0x1000,
             avail_ring: 0x2000,
             used_ring: 0x3000,
         };
-        t.state.config_generation = 3;
+        t.state.common.config_generation = 3;
         t
     }
 
@@ -189,19 +99,19 @@ mod tests {
         let good = running().save();
         let mut cases = Vec::new();
         let mut s = good.clone();
-        s.queues.push(QueueConfig::default());
+        s.common.queues.push(QueueConfig::default());
         cases.push(s);
         let mut s = good.clone();
-        s.queues[0].size = 256;
+        s.common.queues[0].size = 256;
         cases.push(s);
         let mut s = good.clone();
-        s.queues[0].size = 48;
+        s.common.queues[0].size = 48;
         cases.push(s);
         let mut s = good.clone();
-        s.driver_features |= 1 << 40;
+        s.common.driver_features |= 1 << 40;
         cases.push(s);
         let mut s = good.clone();
-        s.status |= 0x20;
+        s.common.status |= 0x20;
         cases.push(s);
         let mut s = good;
         s.interrupt_status = 0x80;
