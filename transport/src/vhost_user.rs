@@ -140,6 +140,7 @@ pub struct VhostUserDevice {
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     started: Vec<usize>,
+    broken: bool,
 }
 
 impl VhostUserDevice {
@@ -199,7 +200,7 @@ impl VhostUserDevice {
             .get_config(
                 0,
                 shape.config_size,
-                VhostUserConfigFlags::WRITABLE,
+                VhostUserConfigFlags::empty(),
                 &request,
             )
             .map_err(step("GET_CONFIG"))?;
@@ -211,11 +212,20 @@ impl VhostUserDevice {
             )));
         }
         let queues = queues.min(device_queue_limit(shape.device_type, features, &config));
+        let mut config = config;
+        // The driver must see no more queues than the transport offers.
+        set_device_queue_count(shape.device_type, &mut config, queues);
         let mut kicks = Vec::with_capacity(queues);
         let mut calls = Vec::with_capacity(queues);
         for _ in 0..queues {
-            kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::EventFd)?);
-            calls.push(EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::EventFd)?);
+            kicks.push(
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(VhostUserError::EventFd)?,
+            );
+            calls.push(
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(VhostUserError::EventFd)?,
+            );
         }
         let offer = BackendOffer {
             features,
@@ -241,7 +251,29 @@ impl VhostUserDevice {
             kicks,
             calls,
             started: Vec::new(),
+            broken: false,
         })
+    }
+
+    /// A protocol exchange failed during activation: the backend may be
+    /// out of step (or gone) and half-started queues may be live, so it is
+    /// given up on.
+    fn lost(&mut self, what: String) -> ActivateError {
+        self.give_up(&what);
+        ActivateError(format!("{}: {what}", self.name))
+    }
+
+    /// Gives up on the backend after a failed or timed-out exchange: the
+    /// connection may be out of step, so it is shut down (the VMM's
+    /// monitor sees the hang-up and sets DEVICE_NEEDS_RESET) and never
+    /// used again.
+    fn give_up(&mut self, why: &str) {
+        if !self.broken {
+            log::error!("{}: {why}; disconnecting the backend", self.name);
+            self.broken = true;
+            // SAFETY: shutdown only changes the state of our own socket.
+            unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     /// What the backend offered.
@@ -281,15 +313,28 @@ impl VhostUserDevice {
     }
 
     fn start_queue(&mut self, index: usize, q: &QueueConfig) -> Result<(), ActivateError> {
+        let max = self.queue_sizes.get(index).copied().unwrap_or(0);
+        // What a backend would refuse by dropping the connection: check it
+        // here and fail only this activation (virtio spec 2.7: ring
+        // alignment 16, 2 and 4).
+        if q.size == 0 || q.size > max || !q.size.is_power_of_two() {
+            return Err(ActivateError(format!(
+                "{}: queue {index} has size {} (at most {max}, a power of two)",
+                self.name, q.size
+            )));
+        }
+        if q.desc_table % 16 != 0 || q.avail_ring % 2 != 0 || q.used_ring % 4 != 0 {
+            return Err(ActivateError(format!(
+                "{}: queue {index} rings are misaligned",
+                self.name
+            )));
+        }
         let size = u64::from(q.size);
         // Split ring sizes (virtio spec 2.7): 16 bytes per descriptor,
         // flags + idx + ring (+ event) for the rings.
         let desc = self.host_addr(q.desc_table, 16 * size)?;
         let avail = self.host_addr(q.avail_ring, 6 + 2 * size)?;
         let used = self.host_addr(q.used_ring, 6 + 8 * size)?;
-        let fail = |what: &str, e: vhost::Error| {
-            ActivateError(format!("{}: queue {index}: {what} failed: {e}", self.name))
-        };
         let vring = VringConfigData {
             queue_max_size: self.queue_sizes.get(index).copied().unwrap_or(0),
             queue_size: q.size,
@@ -302,30 +347,53 @@ impl VhostUserDevice {
         let (Some(kick), Some(call)) = (self.kicks.get(index), self.calls.get(index)) else {
             return Err(ActivateError(format!("{}: no queue {index}", self.name)));
         };
-        self.frontend
-            .set_vring_num(index, q.size)
-            .map_err(|e| fail("SET_VRING_NUM", e))?;
-        self.frontend
-            .set_vring_addr(index, &vring)
-            .map_err(|e| fail("SET_VRING_ADDR", e))?;
-        self.frontend
-            .set_vring_base(index, 0)
-            .map_err(|e| fail("SET_VRING_BASE", e))?;
-        self.frontend
-            .set_vring_call(index, call)
-            .map_err(|e| fail("SET_VRING_CALL", e))?;
-        self.frontend
-            .set_vring_kick(index, kick)
-            .map_err(|e| fail("SET_VRING_KICK", e))?;
-        self.frontend
-            .set_vring_enable(index, true)
-            .map_err(|e| fail("SET_VRING_ENABLE", e))?;
-        Ok(())
+        let f = &self.frontend;
+        let steps: [(&str, &dyn Fn() -> vhost::Result<()>); 6] = [
+            ("SET_VRING_NUM", &|| f.set_vring_num(index, q.size)),
+            ("SET_VRING_ADDR", &|| f.set_vring_addr(index, &vring)),
+            ("SET_VRING_BASE", &|| f.set_vring_base(index, 0)),
+            ("SET_VRING_CALL", &|| f.set_vring_call(index, call)),
+            ("SET_VRING_KICK", &|| f.set_vring_kick(index, kick)),
+            ("SET_VRING_ENABLE", &|| {
+                // set_vring_enable takes &mut; the frontend locks inside.
+                let mut f = f.clone();
+                f.set_vring_enable(index, true)
+            }),
+        ];
+        let failed = steps.iter().find_map(|(what, step)| {
+            step()
+                .err()
+                .map(|e| format!("queue {index}: {what} failed: {e}"))
+        });
+        match failed {
+            Some(what) => Err(self.lost(what)),
+            None => Ok(()),
+        }
     }
 }
 
 /// The queues a device's own config allows (virtio-blk: `num_queues` when
 /// it offers VIRTIO_BLK_F_MQ, else 1).
+/// Virtio feature bits the guest must not see for a device type: features
+/// whose config fields lie beyond the config space fetched (virtio-blk:
+/// SECURE_ERASE 16 and ZONED 17, past byte 60).
+fn hidden_device_features(device_type: u32) -> u64 {
+    match device_type {
+        2 => 1 << 16 | 1 << 17,
+        _ => 0,
+    }
+}
+
+/// Writes the transport's queue count into the device config where the
+/// device type has one (virtio-blk `num_queues`, offset 34).
+fn set_device_queue_count(device_type: u32, config: &mut [u8], queues: usize) {
+    if device_type == 2 {
+        if let Some(b) = config.get_mut(34..36) {
+            b.copy_from_slice(&(queues.min(usize::from(u16::MAX)) as u16).to_le_bytes());
+        }
+    }
+}
+
 fn device_queue_limit(device_type: u32, features: u64, config: &[u8]) -> usize {
     const VIRTIO_ID_BLOCK: u32 = 2;
     const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
@@ -351,7 +419,9 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn device_features(&self) -> u64 {
-        self.offer.features & GUEST_VISIBLE_FEATURES
+        self.offer.features
+            & GUEST_VISIBLE_FEATURES
+            & !hidden_device_features(self.shape.device_type)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -373,32 +443,76 @@ impl VirtioDevice for VhostUserDevice {
             .ok()
             .and_then(|s| s.checked_add(data.len()))
             .is_some_and(|end| end <= self.config.len());
-        if !fits {
+        if !fits || self.broken {
             return;
         }
+        if let Err(e) = self
+            .frontend
+            .set_config(start, VhostUserConfigFlags::empty(), data)
+        {
+            self.give_up(&format!("SET_CONFIG at {offset:#x} failed: {e}"));
+            return;
+        }
+        // Read back what the device made of it (read-only fields stay).
+        let size = self.config.len() as u32;
+        let request = vec![0u8; self.config.len()];
         match self
             .frontend
-            .set_config(start, VhostUserConfigFlags::WRITABLE, data)
+            .get_config(0, size, VhostUserConfigFlags::empty(), &request)
         {
-            Ok(()) => {
-                let s = start as usize;
-                self.config[s..s + data.len()].copy_from_slice(data);
+            Ok((_, config)) if config.len() == self.config.len() => {
+                let queues = self.queue_sizes.len();
+                self.config = config;
+                set_device_queue_count(self.shape.device_type, &mut self.config, queues);
             }
-            Err(e) => log::warn!(
-                "{}: backend refused a config write at {offset:#x}: {e}",
-                self.name
-            ),
+            Ok(_) => self.give_up("GET_CONFIG returned a config of another size"),
+            Err(e) => self.give_up(&format!("GET_CONFIG failed: {e}")),
         }
     }
 
     fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), ActivateError> {
-        let fail = |what: &str, e: vhost::Error| {
-            ActivateError(format!("{}: {what} failed: {e}", self.name))
-        };
+        if self.broken {
+            return Err(ActivateError(format!("{}: the backend is gone", self.name)));
+        }
+        self.start(features, queues)
+    }
+
+    fn reset(&mut self) {
+        if self.started.is_empty() || self.broken {
+            self.started.clear();
+            return;
+        }
+        for index in std::mem::take(&mut self.started) {
+            if let Err(e) = self.frontend.set_vring_enable(index, false) {
+                self.give_up(&format!("queue {index}: SET_VRING_ENABLE 0 failed: {e}"));
+                return;
+            }
+            // GET_VRING_BASE stops the ring in the backend. If it does not
+            // answer, the backend may still write into rings the driver is
+            // about to free: it is cut off, never trusted again.
+            if let Err(e) = self.frontend.get_vring_base(index) {
+                self.give_up(&format!("queue {index}: GET_VRING_BASE failed: {e}"));
+                return;
+            }
+        }
+        let acked =
+            VhostUserProtocolFeatures::from_bits_truncate(self.offer.acked_protocol_features);
+        if acked.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
+            if let Err(e) = self.frontend.reset_device() {
+                self.give_up(&format!("RESET_DEVICE failed: {e}"));
+                return;
+            }
+        }
+        log::info!("{}: reset by the driver", self.name);
+    }
+}
+
+impl VhostUserDevice {
+    fn start(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), ActivateError> {
         let backend_features = features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(backend_features)
-            .map_err(|e| fail("SET_FEATURES", e))?;
+            .map_err(|e| self.lost(format!("SET_FEATURES failed: {e}")))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
             .regions
             .iter()
@@ -412,14 +526,16 @@ impl VirtioDevice for VhostUserDevice {
             .collect();
         self.frontend
             .set_mem_table(&regions)
-            .map_err(|e| fail("SET_MEM_TABLE", e))?;
+            .map_err(|e| self.lost(format!("SET_MEM_TABLE failed: {e}")))?;
         self.started.clear();
         for (index, q) in queues.iter().enumerate() {
             if !q.ready {
                 continue;
             }
-            self.start_queue(index, q)?;
+            // Recorded first: a queue that fails half-way is still stopped
+            // on reset.
             self.started.push(index);
+            self.start_queue(index, q)?;
         }
         log::info!(
             "{}: started, features {features:#x}, queues {:?}",
@@ -427,32 +543,6 @@ impl VirtioDevice for VhostUserDevice {
             self.started
         );
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        if self.started.is_empty() {
-            return;
-        }
-        for index in std::mem::take(&mut self.started) {
-            if let Err(e) = self.frontend.set_vring_enable(index, false) {
-                log::warn!(
-                    "{}: queue {index}: SET_VRING_ENABLE 0 failed: {e}",
-                    self.name
-                );
-            }
-            // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self.frontend.get_vring_base(index) {
-                log::warn!("{}: queue {index}: GET_VRING_BASE failed: {e}", self.name);
-            }
-        }
-        let acked =
-            VhostUserProtocolFeatures::from_bits_truncate(self.offer.acked_protocol_features);
-        if acked.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
-            if let Err(e) = self.frontend.reset_device() {
-                log::warn!("{}: RESET_DEVICE failed: {e}", self.name);
-            }
-        }
-        log::info!("{}: reset by the driver", self.name);
     }
 }
 

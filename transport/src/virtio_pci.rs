@@ -18,8 +18,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::common::{status, CommonState, QueueAddress, RestoreError};
-use crate::pci::config::{BarKind, ConfigSpaceError, PciConfigSpace, PciIdentity, CONFIG_SPACE_SIZE};
-use crate::pci::msix::{Msix, MsiMessage};
+use crate::pci::config::{
+    BarKind, ConfigSpaceError, PciConfigSpace, PciIdentity, CONFIG_SPACE_SIZE,
+};
+use crate::pci::msix::{MsiMessage, Msix};
 use crate::VirtioDevice;
 
 /// Size of BAR 0.
@@ -146,7 +148,10 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
         let msix = Msix::new(queues as u16 + 1);
         let (body, mask) = msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = config.add_capability(&body, &mask)?;
-        config.add_capability(&virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]), &[])?;
+        config.add_capability(
+            &virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
+            &[],
+        )?;
         config.add_capability(&virtio_cap(CFG_ISR, ISR_OFFSET, 1, &[]), &[])?;
         config.add_capability(
             &virtio_cap(CFG_DEVICE, DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE, &[]),
@@ -166,8 +171,7 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
         let mut pci_mask = vec![0u8; 20];
         pci_mask[4] = 0xff;
         pci_mask[8..20].fill(0xff);
-        let pci_cfg_cap =
-            config.add_capability(&virtio_cap(CFG_PCI, 0, 0, &[0; 4]), &pci_mask)?;
+        let pci_cfg_cap = config.add_capability(&virtio_cap(CFG_PCI, 0, 0, &[0; 4]), &pci_mask)?;
         Ok(VirtioPciTransport {
             common: CommonState::new(queues),
             queue_vectors: vec![NO_VECTOR; queues],
@@ -341,8 +345,10 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
                 }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                effects.interrupts_changed =
-                    !self.msix.write_table(o - MSIX_TABLE_OFFSET, data).is_empty();
+                effects.interrupts_changed = !self
+                    .msix
+                    .write_table(o - MSIX_TABLE_OFFSET, data)
+                    .is_empty();
             }
             _ => {}
         }
@@ -449,7 +455,10 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
             (0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34, 4) => {
                 c.write_queue_address(queue_address(offset), offset & 4 != 0, v as u32);
             }
-            _ => log::debug!("virtio-pci: ignored {}-byte write at {offset:#x}", data.len()),
+            _ => log::debug!(
+                "virtio-pci: ignored {}-byte write at {offset:#x}",
+                data.len()
+            ),
         }
         effects
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod host;
+pub mod irq;
 pub mod legacy;
 pub mod logger;
 pub mod memory;

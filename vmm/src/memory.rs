@@ -11,7 +11,7 @@
 //! ```
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -107,7 +107,12 @@ impl GuestRam {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         // SAFETY: memfd_create takes a NUL-terminated name we own and flags;
         // it returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"outboard-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"outboard-guest-ram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
         }
@@ -116,6 +121,13 @@ impl GuestRam {
         memfd
             .set_len(size)
             .map_err(|source| MemoryError::Truncate { size, source })?;
+        // Device processes get this fd: none may resize it under the VMM
+        // (a shrink would turn guest accesses into SIGBUS).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on a memfd we own, with plain flags.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
 
         let ranges = ram_ranges(size);
         let mut regions = Vec::with_capacity(ranges.len());

@@ -171,10 +171,13 @@ impl Vm {
         boot::write_gdt_and_page_tables(&ram, entry.protocol)?;
 
         let (stop_tx, stop_rx) = channel();
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
-            what: "cannot create the serial interrupt eventfd",
-            source,
-        })?;
+        let serial_evt =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                VmError::Host {
+                    what: "cannot create the serial interrupt eventfd",
+                    source,
+                }
+            })?;
         vm.register_irqfd(&serial_evt, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let serial = Arc::new(Mutex::new(Serial::new(

@@ -321,6 +321,9 @@ impl Disk {
                     return (status, 0);
                 }
                 let (offset, len) = byte_range(range);
+                if len == 0 {
+                    return (ok, 0);
+                }
                 match self.image.fallocate(
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                     offset,

@@ -236,6 +236,10 @@ impl Image {
     pub(crate) fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let off = i64::try_from(offset).map_err(|_| too_big())?;
         let len = i64::try_from(len).map_err(|_| too_big())?;
+        // With O_DIRECT a concurrent read-modify-write of a neighbouring
+        // block could write stale bytes back over the range: exclude it.
+        let _rmw = matches!(self.mode, IoMode::Direct { .. })
+            .then(|| self.rmw.lock().unwrap_or_else(PoisonError::into_inner));
         loop {
             // SAFETY: fallocate only acts on the file behind the fd, which
             // `self.file` keeps open; no memory is passed.

@@ -91,7 +91,10 @@ impl BarAllocator {
         if !size.is_power_of_two() {
             return Err(err);
         }
-        let addr = self.next.checked_next_multiple_of(size).ok_or(err.clone())?;
+        let addr = self
+            .next
+            .checked_next_multiple_of(size)
+            .ok_or(err.clone())?;
         let end = addr.checked_add(size).ok_or(err.clone())?;
         if end > self.window.start + self.window.size {
             return Err(err);
@@ -151,7 +154,8 @@ impl PciRoot {
             subsystem_vendor: 0,
             subsystem: 0,
         });
-        let mut slots: Vec<Option<Arc<Mutex<dyn PciFunction>>>> = (0..SLOTS).map(|_| None).collect();
+        let mut slots: Vec<Option<Arc<Mutex<dyn PciFunction>>>> =
+            (0..SLOTS).map(|_| None).collect();
         slots[0] = Some(Arc::new(Mutex::new(HostBridge(bridge))));
         PciRoot {
             slots,

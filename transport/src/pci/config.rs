@@ -145,7 +145,9 @@ impl PciConfigSpace {
     }
 
     fn is_upper_half(&self, index: usize) -> bool {
-        index > 0 && self.bars[index - 1].size != 0 && self.bars[index - 1].kind == BarKind::Memory64
+        index > 0
+            && self.bars[index - 1].size != 0
+            && self.bars[index - 1].kind == BarKind::Memory64
     }
 
     /// Appends a capability: `body` starts with its id byte and a
@@ -261,8 +263,10 @@ mod tests {
             subsystem_vendor: 0x1af4,
             subsystem: 0x40,
         });
-        c.add_bar(0, BarKind::Memory64, 0x8000, 0x40_0000_0000).unwrap();
-        c.add_bar(2, BarKind::Memory32, 0x1000, 0xc000_0000).unwrap();
+        c.add_bar(0, BarKind::Memory64, 0x8000, 0x40_0000_0000)
+            .unwrap();
+        c.add_bar(2, BarKind::Memory32, 0x1000, 0xc000_0000)
+            .unwrap();
         c
     }
 
@@ -302,7 +306,9 @@ mod tests {
     #[test]
     fn capabilities_chain() {
         let mut c = space();
-        let a = c.add_capability(&[0x11, 0, 0, 0], &[0, 0, 0, 0xc0]).unwrap();
+        let a = c
+            .add_capability(&[0x11, 0, 0, 0], &[0, 0, 0, 0xc0])
+            .unwrap();
         let b = c.add_capability(&[0x09, 0, 16, 1], &[]).unwrap();
         assert_eq!(a, 0x40);
         assert_eq!(b, 0x44);
@@ -333,9 +339,13 @@ mod tests {
     #[test]
     fn bad_bars_are_refused() {
         let mut c = space();
-        assert!(c.add_bar(1, BarKind::Memory32, 0x1000, 0xc000_0000).is_err());
+        assert!(c
+            .add_bar(1, BarKind::Memory32, 0x1000, 0xc000_0000)
+            .is_err());
         assert!(c.add_bar(5, BarKind::Memory64, 0x1000, 0).is_err());
         assert!(c.add_bar(4, BarKind::Memory32, 0x1800, 0).is_err());
-        assert!(c.add_bar(4, BarKind::Memory32, 0x1000, 0xffff_f800).is_err());
+        assert!(c
+            .add_bar(4, BarKind::Memory32, 0x1000, 0xffff_f800)
+            .is_err());
     }
 }

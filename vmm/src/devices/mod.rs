@@ -217,7 +217,8 @@ impl Devices {
         let TransportKind::Mmio = config.transport;
         let (process, stream) = match (&config.spawn, &config.socket) {
             (Some(spawn), _) => {
-                let (p, s) = DeviceProcess::start(&name, config.kind, spawn)?;
+                let (p, s) =
+                    DeviceProcess::start(&name, config.kind, spawn, &spawn_extra_args(config))?;
                 (Some(Arc::new(p)), s)
             }
             (None, Some(path)) => {
@@ -269,9 +270,11 @@ impl Devices {
             vm.register_irqfd(call, irq)
                 .map_err(kvm_err("KVM_IRQFD (queue interrupt)"))?;
         }
-        let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::Host {
-            what: "cannot create an interrupt eventfd",
-            source,
+        let interrupt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+            DeviceError::Host {
+                what: "cannot create an interrupt eventfd",
+                source,
+            }
         })?;
         vm.register_irqfd(&interrupt, irq)
             .map_err(kvm_err("KVM_IRQFD (config interrupt)"))?;
@@ -317,7 +320,8 @@ impl Devices {
             return Ok(());
         }
         let host = |what| move |source| DeviceError::Host { what, source };
-        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create an eventfd"))?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(host("cannot create an eventfd"))?;
         let wake_fd = wake.try_clone().map_err(host("cannot clone an eventfd"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let watched: Vec<Watched> = self
@@ -357,6 +361,20 @@ impl Devices {
 impl Drop for Devices {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Arguments the VMM adds for its own in-tree programs: the queue size it
+/// offers (the backend must accept rings that large), unless given.
+fn spawn_extra_args(config: &DeviceConfig) -> Vec<String> {
+    let Some(spawn) = &config.spawn else {
+        return Vec::new();
+    };
+    let in_tree = spawn.program.is_none();
+    if in_tree && !spawn.args.iter().any(|a| a.starts_with("--queue-size")) {
+        vec!["--queue-size".into(), config.queue_size.to_string()]
+    } else {
+        Vec::new()
     }
 }
 

@@ -34,6 +34,7 @@ impl DeviceProcess {
         name: &str,
         kind: DeviceKind,
         spawn: &SpawnConfig,
+        extra_args: &[String],
     ) -> Result<(Self, UnixStream), DeviceError> {
         let program = find_program(name, kind, spawn)?;
         let dir = PrivateDir::new().map_err(|source| DeviceError::Socket {
@@ -52,25 +53,38 @@ impl DeviceProcess {
         let listen_fd = listener.as_raw_fd();
         let mut cmd = Command::new(&program);
         cmd.args(&spawn.args)
+            .args(extra_args)
             .arg("--listen-fd")
             .arg(LISTEN_FD.to_string())
             .stdin(Stdio::null());
         if !spawn.dir.as_os_str().is_empty() {
             cmd.current_dir(&spawn.dir);
         }
+        // SAFETY: getpid has no preconditions.
+        let vmm_pid = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the child between fork and exec and
-        // calls only async-signal-safe functions (dup2, fcntl, setpgid,
-        // prctl) on descriptors that are open in the child.
+        // calls only async-signal-safe functions (dup2, fcntl, close_range,
+        // setpgid, prctl, getppid) on descriptors that are open in it.
         unsafe {
             cmd.pre_exec(move || {
+                let fail = || Err(std::io::Error::last_os_error());
                 if listen_fd != LISTEN_FD && libc::dup2(listen_fd, LISTEN_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return fail();
                 }
                 if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    return fail();
                 }
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // Nothing else of the VMM's reaches the device process
+                // (other devices' eventfds and sockets above all).
+                libc::syscall(libc::SYS_close_range, LISTEN_FD + 1, u32::MAX, 0);
+                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0
+                {
+                    return fail();
+                }
+                // The VMM died before PDEATHSIG was armed: do not outlive it.
+                if libc::getppid() != vmm_pid {
+                    return Err(std::io::Error::other("the VMM exited"));
+                }
                 Ok(())
             });
         }
@@ -127,13 +141,14 @@ impl DeviceProcess {
 
     /// Stops the process: SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&self, grace: Duration) {
-        if self.exit_status(Duration::ZERO).is_some() {
-            return;
-        }
-        if let Ok(c) = self.child.lock() {
+        if let Ok(mut c) = self.child.lock() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                return;
+            }
             if let Ok(pid) = i32::try_from(c.id()) {
-                // SAFETY: kill only sends a signal; the child is not reaped
-                // yet (try_wait found it running), so the pid is still ours.
+                // SAFETY: kill only sends a signal; under this lock the
+                // child was just found running and nobody can reap it, so
+                // the pid is still ours.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
@@ -144,6 +159,12 @@ impl DeviceProcess {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
     }
 }
 
