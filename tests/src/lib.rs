@@ -310,7 +310,17 @@ pub fn run_config(json: &str, deadline: Duration, stop_at: Option<&str>) -> RunO
 
 /// Runs the VMM with `args`; see [`run_config`].
 pub fn run_args(args: &[&std::ffi::OsStr], deadline: Duration, stop_at: Option<&str>) -> RunOutput {
-    run_args_with_hook(args, deadline, stop_at, None)
+    run_args_with_hook(args, deadline, stop_at, None, false)
+}
+
+/// Like [`run_config`], with the VMM logging at info level
+/// (`OUTBOARD_LOG=info`): device set-up and interrupt routing on stderr.
+pub fn run_config_verbose(json: &str, deadline: Duration, stop_at: Option<&str>) -> RunOutput {
+    let dir = TempDir::new("vm");
+    let cfg = dir.0.join("vm.json");
+    std::fs::write(&cfg, json).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
+    let args = [std::ffi::OsStr::new("--config"), cfg.as_os_str()];
+    run_args_with_hook(&args, deadline, stop_at, None, true)
 }
 
 /// Something to do once, mid-run: when the serial output first contains
@@ -337,6 +347,7 @@ pub fn run_config_with_hook(
         deadline,
         stop_at,
         Some(hook),
+        false,
     )
 }
 
@@ -345,9 +356,14 @@ fn run_args_with_hook(
     deadline: Duration,
     stop_at: Option<&str>,
     mut hook: Option<Hook<'_>>,
+    verbose: bool,
 ) -> RunOutput {
     let start = Instant::now();
-    let mut child = Command::new(outboard_bin())
+    let mut cmd = Command::new(outboard_bin());
+    if verbose {
+        cmd.env("OUTBOARD_LOG", "info");
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

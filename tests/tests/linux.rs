@@ -7,12 +7,13 @@
 //! Boots are slow here, so each test checks as much as one boot shows: the
 //! vmlinux boot also mounts its root file system from our block process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use outboard_tests::{
-    host_kvm, linux_guest, repo_root, run_config, spawned_blk_device, RunOutput, TempDir, VmSpec,
+    host_kvm, linux_guest, repo_root, run_config, run_config_verbose, spawned_blk_device,
+    RunOutput, TempDir, VmSpec,
 };
 
 const RUN_INIT: &str = "Run /init as init process";
@@ -69,15 +70,21 @@ fn superblock_mounts(image: &Path) -> (u32, u16) {
     )
 }
 
-/// vmlinux (ELF), 2 vCPUs, 256 MiB, no initramfs: the root file system is
-/// an ext4 image served by our block process over virtio-mmio, found by
-/// Linux's own virtio-mmio and virtio-blk drivers and mounted read-write.
-/// The kernel log shows the MP table's CPUs, the memory given, the command
-/// line as given (with the device the VMM added), the disk and the mount;
-/// the host sees the superblock's mount count and time change. Where
-/// userspace runs, init also reads a file the host wrote and writes one.
-#[test]
-fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
+/// A Linux boot whose root file system is an ext4 image served by our
+/// block process.
+struct RootBoot {
+    out: RunOutput,
+    _dir: TempDir,
+    img: PathBuf,
+    before: (u32, u16),
+    cmdline: String,
+    userspace: bool,
+}
+
+/// Boots `kernel` with no initramfs and `root=/dev/vda rw`, the disk on
+/// `transport` (`mmio` or `pci`), up to `Run /sbin/init` (or, where
+/// userspace runs, to init's clean reboot).
+fn boot_from_root_disk(kernel: PathBuf, vcpus: u8, transport: &str) -> RootBoot {
     let linux = linux_guest();
     let host = host_kvm();
     let userspace = linux.userspace_runs(host);
@@ -101,26 +108,96 @@ fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
         "{} root=/dev/vda rw outboard.cmd=cat%20/host-file%20&&%20echo%20written-by-the-guest%20>/guest-file",
         linux.cmdline
     );
+    let device = spawned_blk_device("rootdisk", &img, &[]).replace(
+        r#""transport": "mmio""#,
+        &format!(r#""transport": "{transport}""#),
+    );
     let spec = VmSpec {
-        vcpus: 2,
+        vcpus,
         memory_mib: 256,
-        kernel: linux.vmlinux.clone(),
+        kernel,
         initrd: None,
         cmdline: cmdline.clone(),
         entry: "linux",
-        devices: vec![spawned_blk_device("rootdisk", &img, &[])],
+        devices: vec![device],
     };
     let deadline = host.deadline(Duration::from_secs(60), Duration::from_secs(900));
     let stop_at = (!userspace).then_some(RUN_SBIN_INIT);
-    let out = run_config(&spec.to_json(), deadline, stop_at);
+    let out = run_config_verbose(&spec.to_json(), deadline, stop_at);
+    RootBoot {
+        out,
+        _dir: dir,
+        img,
+        before,
+        cmdline,
+        userspace,
+    }
+}
+
+/// The disk probed, ext4 mounted read-write as root, the superblock's
+/// mount count and time changed on the host; where userspace runs, init
+/// read the host's file and wrote its own.
+fn assert_root_mounted(b: &RootBoot) {
+    let out = &b.out;
     let d = out.describe();
     assert!(
         !out.timed_out,
         "Linux did not reach {RUN_SBIN_INIT:?} in time\n{d}"
     );
+    // 32 MiB = 65536 sectors.
+    assert!(
+        out.serial
+            .contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks"),
+        "{d}"
+    );
+    assert!(
+        out.serial.contains("EXT4-fs (vda): mounted filesystem"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("VFS: Mounted root (ext4 filesystem) on device 254:0"),
+        "not mounted read-write\n{d}"
+    );
+    assert!(out.serial.contains(RUN_SBIN_INIT), "{d}");
+    let after = superblock_mounts(&b.img);
+    assert_eq!(after.1, b.before.1 + 1, "mount count\n{d}");
+    assert_ne!(after.0, b.before.0, "last mount time\n{d}");
+    if b.userspace {
+        assert!(out.serial.contains("written-by-the-host"), "{d}");
+        assert!(out.serial.contains("outboard-linux: exit status=0"), "{d}");
+        assert_eq!(out.status, Some(0), "{d}");
+        let guest_file = Command::new("debugfs")
+            .args(["-R", "cat /guest-file"])
+            .arg(&b.img)
+            .output()
+            .expect("run debugfs (e2fsprogs)");
+        assert_eq!(
+            String::from_utf8_lossy(&guest_file.stdout),
+            "written-by-the-guest\n"
+        );
+    } else {
+        eprintln!(
+            "linux root-disk test: this host cannot run Linux userspace (PVM), so the guest's file read/write part is not checked here"
+        );
+    }
+}
+
+/// vmlinux (ELF), 2 vCPUs, 256 MiB, no initramfs: the root file system is
+/// on our block process over virtio-mmio, found by Linux's own virtio-mmio
+/// and virtio-blk drivers. The kernel log also shows the MP table's CPUs,
+/// the memory given, and the command line as given (with the device the
+/// VMM added).
+#[test]
+fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
+    let b = boot_from_root_disk(linux_guest().vmlinux, 2, "mmio");
+    assert_root_mounted(&b);
+    let out = &b.out;
+    let d = out.describe();
     assert!(
         out.serial.contains(&format!(
-            "Kernel command line: {cmdline} virtio_mmio.device=4K@0xd0000000:5"
+            "Kernel command line: {} virtio_mmio.device=4K@0xd0000000:5",
+            b.cmdline
         )),
         "command line not echoed as given\n{d}"
     );
@@ -148,44 +225,47 @@ fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
         (250_000..=262_144).contains(&total_k),
         "kernel sees {total_k}K of 262144K: {line}"
     );
-    // The disk, probed by virtio-blk: 32 MiB = 65536 sectors.
-    assert!(
-        out.serial
-            .contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks"),
-        "{d}"
-    );
-    assert!(
-        out.serial.contains("EXT4-fs (vda): mounted filesystem"),
-        "{d}"
-    );
-    assert!(
-        out.serial
-            .contains("VFS: Mounted root (ext4 filesystem) on device 254:0"),
-        "not mounted read-write\n{d}"
-    );
-    assert!(out.serial.contains(RUN_SBIN_INIT), "{d}");
-    let after = superblock_mounts(&img);
-    assert_eq!(after.1, before.1 + 1, "mount count\n{d}");
-    assert_ne!(after.0, before.0, "last mount time\n{d}");
+}
 
-    if userspace {
-        assert!(out.serial.contains("written-by-the-host"), "{d}");
-        assert!(out.serial.contains("outboard-linux: exit status=0"), "{d}");
-        assert_eq!(out.status, Some(0), "{d}");
-        let guest_file = Command::new("debugfs")
-            .args(["-R", "cat /guest-file"])
-            .arg(&img)
-            .output()
-            .expect("run debugfs (e2fsprogs)");
-        assert_eq!(
-            String::from_utf8_lossy(&guest_file.stdout),
-            "written-by-the-guest\n"
-        );
-    } else {
-        eprintln!(
-            "linux root-disk test: this host cannot run Linux userspace (PVM), so the guest's file read/write part is not checked here"
-        );
-    }
+/// vmlinux, 1 vCPU: the same root disk on PCI. Linux finds the host bridge
+/// and the virtio-pci function through configuration mechanism #1, its
+/// virtio-pci driver binds with MSI-X (the VMM logs the vectors the driver
+/// programmed, and there is no INTx to fall back to), and it mounts the
+/// disk read-write as root.
+#[test]
+fn linux_mounts_ext4_root_from_a_virtio_pci_disk_with_msix() {
+    let b = boot_from_root_disk(linux_guest().vmlinux, 1, "pci");
+    assert_root_mounted(&b);
+    let out = &b.out;
+    let d = out.describe();
+    assert!(
+        out.serial.contains("PCI: Using configuration type 1"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("pci 0000:00:00.0: [8086:0d57] type 00 class 0x060000"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("virtio-pci 0000:00:01.0: enabling device"),
+        "{d}"
+    );
+    // The driver programmed MSI-X: a config vector and one for the queue.
+    let line = out
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("rootdisk: interrupts"))
+        .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"));
+    assert!(line.contains("config: MSI-X 0"), "{line}");
+    assert!(line.contains("queue 0: MSI-X 1"), "{line}");
 }
 
 /// bzImage, 1 vCPU, 128 MiB: the bzImage path of the boot protocol.

@@ -333,10 +333,10 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
         }
         match offset {
             o if o < COMMON_OFFSET + COMMON_SIZE => return self.write_common(o, data),
-            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_SIZE).contains(&o) => {
-                if self.common.status & status::DRIVER != 0 {
-                    self.device.write_config(o - DEVICE_CONFIG_OFFSET, data);
-                }
+            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_SIZE).contains(&o)
+                && self.common.status & status::DRIVER != 0 =>
+            {
+                self.device.write_config(o - DEVICE_CONFIG_OFFSET, data);
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&o) => {
                 let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);

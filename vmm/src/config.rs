@@ -37,8 +37,13 @@ pub const MAX_VCPUS: u8 = 254;
 /// Largest guest memory: 1 TiB (4 levels of paging reach far more; this
 /// keeps `memory_mib << 20` and the address map well inside u64).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Most devices: one per IOAPIC pin from 5 to 23.
-pub const MAX_DEVICES: usize = 19;
+/// Most devices: virtio-mmio ones take an IOAPIC pin each (5 to 23), PCI
+/// ones a slot each (1 to 31).
+pub const MAX_DEVICES: usize = 50;
+/// Most virtio-mmio devices: one per IOAPIC pin from 5 to 23.
+pub const MAX_MMIO_DEVICES: usize = 19;
+/// Most PCI devices: slots 1 to 31 of bus 0.
+pub const MAX_PCI_DEVICES: usize = 31;
 /// Longest device id.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
 /// Largest virtqueue size (virtio spec: split rings up to 32768).
@@ -160,6 +165,8 @@ pub enum TransportKind {
     /// virtio-mmio, announced on the kernel command line.
     #[default]
     Mmio,
+    /// virtio-pci (modern) with MSI-X, on PCI bus 0.
+    Pci,
 }
 
 /// A device process the VMM starts and supervises.
@@ -430,6 +437,19 @@ impl VmConfig {
                     "{} devices is more than the {MAX_DEVICES} allowed",
                     self.devices.len()
                 ),
+            );
+        }
+        let count = |t: TransportKind| self.devices.iter().filter(|d| d.transport == t).count();
+        if count(TransportKind::Mmio) > MAX_MMIO_DEVICES {
+            return invalid(
+                "devices[].transport",
+                format!("more than {MAX_MMIO_DEVICES} devices on mmio"),
+            );
+        }
+        if count(TransportKind::Pci) > MAX_PCI_DEVICES {
+            return invalid(
+                "devices[].transport",
+                format!("more than {MAX_PCI_DEVICES} devices on pci"),
             );
         }
         let mut names = std::collections::HashSet::new();

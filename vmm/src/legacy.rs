@@ -7,6 +7,8 @@ use std::io::{self, Write};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use outboard_transport::pci::bus::{CONFIG_ADDRESS_PORT, CONFIG_PORTS};
+use outboard_transport::pci::PciRoot;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -83,6 +85,7 @@ pub struct PortBus {
     i8042: Mutex<I8042Device<StopTrigger>>,
     stop: Mutex<Sender<StopReason>>,
     serial_error_logged: std::sync::atomic::AtomicBool,
+    pci: Option<Arc<Mutex<PciRoot>>>,
 }
 
 impl PortBus {
@@ -96,12 +99,32 @@ impl PortBus {
             ))),
             stop: Mutex::new(stop),
             serial_error_logged: std::sync::atomic::AtomicBool::new(false),
+            pci: None,
         }
+    }
+
+    /// Adds PCI configuration mechanism #1 (ports 0xCF8..0xCFF) for `root`.
+    pub fn with_pci(mut self, root: Arc<Mutex<PciRoot>>) -> Self {
+        self.pci = Some(root);
+        self
+    }
+
+    fn pci_port(&self, port: u16) -> Option<(&Arc<Mutex<PciRoot>>, u16)> {
+        let offset = port
+            .checked_sub(CONFIG_ADDRESS_PORT)
+            .filter(|o| *o < CONFIG_PORTS)?;
+        self.pci.as_ref().map(|r| (r, offset))
     }
 
     /// Handles an `in` of `data.len()` bytes from `port`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
+        if let Some((root, offset)) = self.pci_port(port) {
+            if let Ok(mut r) = root.lock() {
+                r.config_port_read(offset, data);
+            }
+            return;
+        }
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 if let (Ok(mut s), Some(first)) = (self.serial.lock(), data.first_mut()) {
@@ -119,6 +142,12 @@ impl PortBus {
 
     /// Handles an `out` of `data` to `port`.
     pub fn write(&self, port: u16, data: &[u8]) {
+        if let Some((root, offset)) = self.pci_port(port) {
+            if let Ok(mut r) = root.lock() {
+                r.config_port_write(offset, data);
+            }
+            return;
+        }
         let Some(&value) = data.first() else { return };
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {

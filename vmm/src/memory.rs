@@ -5,9 +5,12 @@
 //! 0x0000_0000 ..           RAM (low): boot structures, kernel, initrd
 //! 0x0009_fc00 .. 0x0010_0000  EBDA and BIOS area (reserved in the E820
 //!                             map): MP table at 0xf_0000
-//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO hole: PCI BARs, virtio-mmio,
-//!                                IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000)
+//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO hole: 32-bit PCI BARs
+//!                                (0xc000_0000, 256 MiB), virtio-mmio
+//!                                (0xd000_0000), IOAPIC (0xfec0_0000),
+//!                                KVM's TSS (0xfffb_d000), LAPIC (0xfee0_0000)
 //! 0x1_0000_0000 ..         RAM (high): what does not fit below the hole
+//! RAM end, 1 GiB aligned   64-bit PCI BARs (64 GiB)
 //! ```
 
 use std::fs::File;
@@ -19,6 +22,22 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB), where high RAM starts.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The 32-bit PCI BAR window: the bottom of the MMIO hole.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// Size of the 32-bit PCI BAR window (virtio-mmio windows follow it).
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// Size of the 64-bit PCI BAR window above RAM.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// Where the 64-bit PCI BAR window starts for `ram_size` bytes of RAM: the
+/// first 1 GiB boundary at or above both 4 GiB and the end of RAM.
+pub fn pci_mmio64_start(ram_size: u64) -> u64 {
+    let end = ram_ranges(ram_size)
+        .last()
+        .map_or(MMIO_HOLE_END, |r| r.start + r.size);
+    end.max(MMIO_HOLE_END).next_multiple_of(1 << 30)
+}
+
 /// Start of the extended BIOS data area: RAM below it is usable, the rest
 /// of the first MiB is reserved.
 pub const EBDA_START: u64 = 0x9_fc00;

@@ -19,11 +19,12 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
-use crate::config::{ConsoleInput, ConsoleOutput, VmConfig};
+use crate::config::{ConsoleInput, ConsoleOutput, TransportKind, VmConfig};
 use crate::cpu::{cpuid, setup, vcpu};
-use crate::devices::{DeviceError, Devices};
+use crate::devices::{DeviceError, Devices, PciSetup, PciWindow};
+use crate::irq::IrqRouting;
 use crate::legacy::{IrqTrigger, PortBus, SerialConsole, StopReason, SERIAL_IRQ};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{pci_mmio64_start, GuestRam, MemoryError};
 use crate::mmio::MmioBus;
 
 /// Where KVM keeps the TSS it needs for real-mode emulation (3 pages,
@@ -111,18 +112,18 @@ impl VmError {
 
 /// A VM built and ready to run.
 pub struct Vm {
-    // Declared first so it is dropped first: no memslot outlives the
-    // mapping it points into.
-    _vm: VmFd,
+    // Dropped in this order: everything that holds the VmFd (devices, the
+    // buses) before the guest RAM its memslots point into.
+    devices: Devices,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
-    ram: Arc<GuestRam>,
     ports: Arc<PortBus>,
     mmio: Arc<MmioBus>,
-    devices: Devices,
+    _vm: Arc<VmFd>,
     serial: Arc<Mutex<SerialConsole>>,
     stop_rx: Receiver<StopReason>,
     stop_tx: std::sync::mpsc::Sender<StopReason>,
     console_input: bool,
+    ram: Arc<GuestRam>,
 }
 
 impl Vm {
@@ -139,7 +140,7 @@ impl Vm {
                 max,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         // Memory first: a memslot added after the irqchip and PIT exist
         // waits for a grace period (measured 5.5 ms on a PVM host, 0.15 ms
         // before), more than everything else up to the first KVM_RUN.
@@ -161,7 +162,30 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mut mmio = MmioBus::new();
-        let devices = Devices::new(&config.devices, &vm, &ram, &mut mmio)?;
+        let routing = Arc::new(Mutex::new(IrqRouting::new(vm.clone())));
+        let high = PciSetup::high_window(pci_mmio64_start(size));
+        let mut pci = PciSetup::new(high, routing);
+        let devices = Devices::new(&config.devices, &vm, &ram, &mut mmio, &mut pci)?;
+        let mut pci_root = None;
+        if config
+            .devices
+            .iter()
+            .any(|d| d.transport == TransportKind::Pci)
+        {
+            let root = Arc::new(Mutex::new(pci.root));
+            for window in [PciSetup::low(), high] {
+                let dev = Arc::new(Mutex::new(PciWindow {
+                    base: window.start,
+                    root: root.clone(),
+                }));
+                mmio.insert(window.start, window.size, dev)
+                    .map_err(|e| VmError::Host {
+                        what: "cannot place the PCI windows",
+                        source: io::Error::other(e.to_string()),
+                    })?;
+            }
+            pci_root = Some(root);
+        }
         let entry = boot::load(
             &ram,
             &config.kernel,
@@ -184,7 +208,11 @@ impl Vm {
             IrqTrigger(serial_evt),
             console_writer(config)?,
         )));
-        let ports = Arc::new(PortBus::new(serial.clone(), stop_tx.clone()));
+        let mut ports = PortBus::new(serial.clone(), stop_tx.clone());
+        if let Some(root) = pci_root {
+            ports = ports.with_pci(root);
+        }
+        let ports = Arc::new(ports);
 
         let supported = kvm
             // Headroom for the topology subleaves for_vcpu adds.

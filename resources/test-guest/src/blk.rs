@@ -1,17 +1,23 @@
-//! The `blk` scenario: a small virtio-blk driver on the virtio-mmio transport.
-//! It finds the device on the command line, negotiates VIRTIO_F_VERSION_1
+//! The `blk` scenario: a small virtio-blk driver on the virtio-mmio or the
+//! modern virtio-pci transport (`transport.rs`). Devices: the virtio-mmio
+//! windows of the command line, then the virtio-blk functions of PCI bus 0.
+//! It negotiates VIRTIO_F_VERSION_1
 //! (plus FLUSH, and MQ when more than one queue is asked for), sets up N
 //! split virtqueues, then writes a pattern over the disk in chunks spread
 //! round-robin over the queues (one request in flight per queue), flushes,
 //! reads everything back and verifies it. Completions are interrupt driven
-//! (IOAPIC pin = the device's irq, vector `IRQ_VECTOR`) or polled
-//! (`tg.blk_poll=1`); every wait is bounded by LAPIC timer ticks.
+//! (virtio-mmio: IOAPIC pin = the device's irq, vector `IRQ_VECTOR`; PCI:
+//! MSI-X, vectors `MSIX_VECTOR_BASE + i`) or polled (`tg.blk_poll=1`); every
+//! wait is bounded by LAPIC timer ticks.
 //!
 //! Pattern: 8-byte little-endian word `i` (0..64) of sector `s` is
 //! `(s << 32) ^ (i * 0x9E3779B97F4A7C15 mod 2^64) ^ seed`.
 
 use crate::bootinfo::BootInfo;
+use crate::pci::{self, Bdf};
+use crate::transport::{self as tp, Transport};
 use crate::virtio_mmio::{self as vm, Mmio, MmioDesc};
+use crate::virtio_pci::{self as vp, VirtioPci};
 use crate::virtqueue::{Buf, QueueError, Virtqueue, MAX_QUEUES};
 use crate::{cpu, interrupts, ioapic, lapic, outln, paging};
 use core::fmt;
@@ -126,7 +132,7 @@ struct Pending {
 
 /// An initialized device.
 struct Blk {
-    m: Mmio,
+    t: Transport,
     poll: bool,
     timeout_ticks: u32,
     apic: u8,
@@ -170,9 +176,9 @@ impl Blk {
         let vq = self.queues[q].as_mut().expect("queue set up");
         match data {
             Some((addr, len, write)) => {
-                vq.submit(self.m, &[hdr_buf, Buf { addr, len, write }, st_buf])
+                vq.submit(&self.t, &[hdr_buf, Buf { addr, len, write }, st_buf])
             }
-            None => vq.submit(self.m, &[hdr_buf, st_buf]),
+            None => vq.submit(&self.t, &[hdr_buf, st_buf]),
         }
         self.pending[q] = Some(Pending { typ, sector });
     }
@@ -234,7 +240,7 @@ impl Blk {
 
 /// Prints the interrupt count and the result line, then powers off.
 fn finish(fail: Option<&str>) -> ! {
-    outln!("blk interrupts={}", vm::irq_count());
+    outln!("blk interrupts={}", tp::irq_count());
     match fail {
         None => {
             outln!("result PASS");
@@ -254,7 +260,7 @@ fn fail_early(reason: &str) -> ! {
 }
 
 /// Reports an I/O error and ends the scenario.
-fn io_fail(e: IoError, timeout_ms: u32) -> ! {
+fn io_fail(t: &Transport, e: IoError, timeout_ms: u32) -> ! {
     match e {
         IoError::Timeout(q, p) => {
             outln!(
@@ -265,10 +271,7 @@ fn io_fail(e: IoError, timeout_ms: u32) -> ! {
                 timeout_ms
             );
             // DEVICE_NEEDS_RESET (0x40) here says the device broke.
-            outln!(
-                "blk device status={:#x}",
-                vm::irq_device_status()
-            );
+            outln!("blk device status={:#x}", t.status());
             finish(Some("blk-timeout"))
         }
         IoError::Status(p, s) => {
@@ -293,20 +296,25 @@ fn probe(d: &MmioDesc) -> Option<(u32, u32, u32)> {
     ))
 }
 
-/// The `blk` scenario (after paging, IDT and PIC setup).
-pub fn run(bi: &BootInfo) -> ! {
+/// The device picked by `select`.
+enum Chosen {
+    Mmio(MmioDesc),
+    Pci(Bdf),
+}
+
+/// Picks the device: the `virtio_mmio.device=` windows first (index = the
+/// word's position), then the virtio-blk functions of PCI bus 0 (index =
+/// windows + k). `tg.blk_device=N` picks one; by default the first
+/// virtio-blk. Bus 0 is only scanned when no window was picked.
+fn select(bi: &BootInfo) -> (usize, Chosen) {
     let (descs, ndesc) = vm::discover(bi.cmdline());
     let want_dev = bi.param_u64("tg.blk_device");
-    let mut found = None;
     for (i, d) in descs[..ndesc].iter().enumerate() {
         if want_dev.is_some_and(|w| w != i as u64) {
             continue;
         }
         match probe(d) {
-            Some((vm::MAGIC_VALUE, 2, DEVICE_ID_BLOCK)) => {
-                found = Some(i);
-                break;
-            }
+            Some((vm::MAGIC_VALUE, 2, DEVICE_ID_BLOCK)) => return (i, Chosen::Mmio(*d)),
             // Not ours, or not a modern (version 2) virtio-mmio device.
             Some((magic, version, id)) => outln!(
                 "blk skip device={} base={:#x} magic={:#x} version={} id={}",
@@ -324,15 +332,35 @@ pub fn run(bi: &BootInfo) -> ! {
             ),
         }
     }
-    let Some(dev) = found else {
-        outln!(
-            "blk no virtio-blk device (virtio_mmio.device entries={})",
-            ndesc
-        );
-        fail_early("blk-no-device")
-    };
-    let d = descs[dev];
-    let m = Mmio { base: d.base };
+    let mut npci = 0;
+    if want_dev.is_none_or(|w| w >= ndesc as u64) {
+        let (funcs, nf) = pci::scan();
+        for f in funcs[..nf].iter().filter(|f| vp::is_blk(f)) {
+            let idx = ndesc + npci;
+            if want_dev.is_none_or(|w| w == idx as u64) {
+                return (idx, Chosen::Pci(f.bdf));
+            }
+            npci += 1;
+        }
+    }
+    outln!(
+        "blk no virtio-blk device (virtio_mmio.device entries={}, pci virtio-blk functions={})",
+        ndesc,
+        npci
+    );
+    fail_early("blk-no-device")
+}
+
+/// Marks the device FAILED, prints `blk init: <why>` and fails with `reason`.
+fn init_fail(t: &Transport, status: u8, reason: &str, why: fmt::Arguments) -> ! {
+    t.set_status(status | tp::STATUS_FAILED);
+    outln!("blk init: {}", why);
+    fail_early(reason)
+}
+
+/// The `blk` scenario (after paging, IDT and PIC setup).
+pub fn run(bi: &BootInfo) -> ! {
+    let (dev, chosen) = select(bi);
 
     let mode = bi.param("tg.blk_mode").unwrap_or(b"readwrite");
     let (do_write, do_read) = match mode {
@@ -359,6 +387,7 @@ pub fn run(bi: &BootInfo) -> ! {
         .param_u64("tg.blk_timeout_ms")
         .unwrap_or(10_000)
         .clamp(1, 600_000) as u32;
+    let move_bar = bi.param_u64("tg.blk_move_bar").unwrap_or(0) != 0;
 
     // Timer first: every wait below is bounded by its ticks.
     lapic::enable();
@@ -366,53 +395,112 @@ pub fn run(bi: &BootInfo) -> ! {
     lapic::start_timer(lapic::TIMER_COUNT_1MS);
     cpu::sti();
 
+    let t = match chosen {
+        Chosen::Mmio(d) => Transport::Mmio(Mmio { base: d.base }),
+        Chosen::Pci(bdf) => {
+            if move_bar {
+                match vp::move_common_bar(bdf) {
+                    Ok((old, new)) => outln!("blk bar moved {:#x} -> {:#x}", old, new),
+                    Err((reason, why)) => {
+                        outln!("blk init: pci {}: {}", bdf, why);
+                        fail_early(reason)
+                    }
+                }
+            }
+            match VirtioPci::new(bdf) {
+                Ok(p) => Transport::Pci(p),
+                Err((reason, why)) => {
+                    outln!("blk init: pci {}: {}", bdf, why);
+                    fail_early(reason)
+                }
+            }
+        }
+    };
+
     // Reset, ACKNOWLEDGE, DRIVER.
-    m.write(vm::REG_STATUS, 0);
-    let mut n = 0;
-    while m.read(vm::REG_STATUS) != 0 && n < 1000 {
-        n += 1;
-        cpu::pause();
-    }
-    let mut status = vm::STATUS_ACKNOWLEDGE;
-    m.write(vm::REG_STATUS, status);
-    status |= vm::STATUS_DRIVER;
-    m.write(vm::REG_STATUS, status);
+    t.reset();
+    let mut status = tp::STATUS_ACKNOWLEDGE;
+    t.set_status(status);
+    status |= tp::STATUS_DRIVER;
+    t.set_status(status);
 
     // Features.
-    let offered = m.device_features();
-    if offered & vm::F_VERSION_1 == 0 {
-        m.write(vm::REG_STATUS, status | vm::STATUS_FAILED);
-        outln!(
-            "blk init: device does not offer VIRTIO_F_VERSION_1 (features={:#x})",
-            offered
-        );
-        fail_early("blk-init")
+    let offered = t.device_features();
+    if offered & tp::F_VERSION_1 == 0 {
+        init_fail(
+            &t,
+            status,
+            "blk-init",
+            format_args!(
+                "device does not offer VIRTIO_F_VERSION_1 (features={:#x})",
+                offered
+            ),
+        )
     }
-    let mut accepted = vm::F_VERSION_1 | (offered & F_FLUSH);
+    let mut accepted = tp::F_VERSION_1 | (offered & F_FLUSH);
     if want_q > 1 {
         accepted |= offered & F_MQ;
     }
-    m.set_driver_features(accepted);
-    status |= vm::STATUS_FEATURES_OK;
-    m.write(vm::REG_STATUS, status);
-    if m.read(vm::REG_STATUS) & vm::STATUS_FEATURES_OK == 0 {
-        m.write(vm::REG_STATUS, status | vm::STATUS_FAILED);
-        outln!(
-            "blk init: FEATURES_OK not accepted (driver features={:#x})",
-            accepted
-        );
-        fail_early("blk-init")
+    t.set_driver_features(accepted);
+    status |= tp::STATUS_FEATURES_OK;
+    t.set_status(status);
+    if t.status() & tp::STATUS_FEATURES_OK == 0 {
+        init_fail(
+            &t,
+            status,
+            "blk-init",
+            format_args!("FEATURES_OK not accepted (driver features={:#x})", accepted),
+        )
     }
-    let capacity = m.config_u64(0);
+    let capacity = t.config_u64(0);
     let max_q = if accepted & F_MQ != 0 {
-        (m.config_u16(CONFIG_NUM_QUEUES) as usize).clamp(1, MAX_QUEUES)
+        (t.config_u16(CONFIG_NUM_QUEUES) as usize).clamp(1, MAX_QUEUES)
     } else {
         MAX_QUEUES
+    };
+    let nq_max = want_q.min(max_q);
+
+    // PCI: MSI-X (entry 0: configuration changes, 1 + q: queue q; shared
+    // when the table is smaller), before the queues take their vectors.
+    let mut msix_size = 0u16;
+    if let Transport::Pci(p) = &t {
+        if let Some(m) = p.msix {
+            msix_size = m.size;
+        }
+        if !poll {
+            if msix_size == 0 {
+                init_fail(
+                    &t,
+                    status,
+                    "blk-msix",
+                    format_args!("pci {}: no MSI-X capability (INTx is not used)", p.bdf),
+                )
+            }
+            p.msix_enable((1 + nq_max) as u16, apic);
+            let back = p.set_config_vector(0);
+            if back != 0 {
+                init_fail(
+                    &t,
+                    status,
+                    "blk-msix",
+                    format_args!("config_msix_vector reads back {:#x} after writing 0", back),
+                )
+            }
+        } else {
+            p.set_config_vector(vp::NO_VECTOR);
+        }
+    }
+    let queue_vector = |q: usize| -> u16 {
+        if poll || msix_size == 0 {
+            vp::NO_VECTOR
+        } else {
+            ((1 + q) as u16).min(msix_size - 1).min(vp::MAX_MSIX - 1)
+        }
     };
 
     // Queues.
     let mut blk = Blk {
-        m,
+        t,
         poll,
         timeout_ticks: timeout_ms,
         apic,
@@ -420,59 +508,95 @@ pub fn run(bi: &BootInfo) -> ! {
         nq: 0,
         pending: [None; MAX_QUEUES],
     };
-    for q in 0..want_q.min(max_q) {
-        match Virtqueue::setup(m, q as u16, poll) {
+    for q in 0..nq_max {
+        let vector = queue_vector(q);
+        match Virtqueue::setup(&t, q as u16, poll, vector) {
             Ok(vq) => {
                 blk.queues[q] = Some(vq);
                 blk.nq += 1;
             }
             Err(QueueError::Absent) => break,
-            Err(QueueError::Unusable) => {
-                m.write(vm::REG_STATUS, status | vm::STATUS_FAILED);
-                outln!(
-                    "blk init: queue {} unusable (ready already set or QueueNumMax < 4)",
+            Err(QueueError::Unusable) => init_fail(
+                &t,
+                status,
+                "blk-init",
+                format_args!(
+                    "queue {} unusable (ready already set or QueueNumMax < 4)",
                     q
-                );
-                fail_early("blk-init")
-            }
+                ),
+            ),
+            Err(QueueError::Vector(v)) => init_fail(
+                &t,
+                status,
+                "blk-msix",
+                format_args!(
+                    "queue {} queue_msix_vector reads back {:#x} after writing {}",
+                    q, v, vector
+                ),
+            ),
+            Err(QueueError::Notify) => init_fail(
+                &t,
+                status,
+                "blk-pci-caps",
+                format_args!("queue {} notify address outside the notify structure", q),
+            ),
         }
     }
     if blk.nq == 0 {
-        m.write(vm::REG_STATUS, status | vm::STATUS_FAILED);
-        outln!("blk init: queue 0 absent (QueueNumMax=0)");
-        fail_early("blk-init")
+        init_fail(
+            &t,
+            status,
+            "blk-init",
+            format_args!("queue 0 absent (QueueNumMax=0)"),
+        )
     }
 
-    // Interrupt routing.
-    if !poll {
+    // virtio-mmio interrupt routing.
+    if let (false, Transport::Mmio(m), Chosen::Mmio(d)) = (poll, &t, &chosen) {
         let pins = ioapic::pins();
         if d.irq >= pins {
-            m.write(vm::REG_STATUS, status | vm::STATUS_FAILED);
-            outln!("blk init: irq {} beyond the IOAPIC's {} pins", d.irq, pins);
-            fail_early("blk-irq")
+            init_fail(
+                &t,
+                status,
+                "blk-irq",
+                format_args!("irq {} beyond the IOAPIC's {} pins", d.irq, pins),
+            )
         }
-        vm::set_irq_device(m);
+        vm::set_irq_device(*m);
         ioapic::route(d.irq, IRQ_VECTOR, apic);
     }
-    status |= vm::STATUS_DRIVER_OK;
-    m.write(vm::REG_STATUS, status);
+    status |= tp::STATUS_DRIVER_OK;
+    t.set_status(status);
 
-    outln!(
-        "blk device={} base={:#x} irq={} capacity={} queues={} features={:#x}",
-        dev,
-        d.base,
-        d.irq,
-        capacity,
-        blk.nq,
-        offered
-    );
+    match (&t, &chosen) {
+        (Transport::Pci(p), _) => outln!(
+            "blk device={} pci={} bar={:#x} msix={} capacity={} queues={} features={:#x}",
+            dev,
+            p.bdf,
+            p.common_bar,
+            msix_size,
+            capacity,
+            blk.nq,
+            offered
+        ),
+        (_, Chosen::Mmio(d)) => outln!(
+            "blk device={} base={:#x} irq={} capacity={} queues={} features={:#x}",
+            dev,
+            d.base,
+            d.irq,
+            capacity,
+            blk.nq,
+            offered
+        ),
+        _ => {}
+    }
 
     // GET_ID.
     let id_addr = slot_addr(0) + 32;
     // SAFETY: the GET_ID buffer of queue 0's slot; nothing is in flight.
     unsafe { core::ptr::write_bytes(id_addr as *mut u8, 0, ID_LEN) };
     if let Err(e) = blk.one(T_GET_ID, 0, Some((id_addr, ID_LEN as u32, true))) {
-        io_fail(e, timeout_ms)
+        io_fail(&blk.t, e, timeout_ms)
     }
     let mut id = [0u8; ID_LEN];
     for (i, b) in id.iter_mut().enumerate() {
@@ -510,7 +634,7 @@ pub fn run(bi: &BootInfo) -> ! {
                     outln!("blk read-only: write refused");
                     finish(None)
                 }
-                Err(e) => io_fail(e, timeout_ms),
+                Err(e) => io_fail(&blk.t, e, timeout_ms),
             }
             wrote = s;
         }
@@ -524,7 +648,7 @@ pub fn run(bi: &BootInfo) -> ! {
         }
         if accepted & F_FLUSH != 0 {
             if let Err(e) = blk.one(T_FLUSH, 0, None) {
-                io_fail(e, timeout_ms)
+                io_fail(&blk.t, e, timeout_ms)
             }
         }
     }
@@ -554,7 +678,7 @@ pub fn run(bi: &BootInfo) -> ! {
                 s += n;
             }
             if let Err(e) = blk.wait() {
-                io_fail(e, timeout_ms)
+                io_fail(&blk.t, e, timeout_ms)
             }
             for (q, &(bs, bn)) in batch.iter().enumerate().take(nq) {
                 if bn == 0 {

@@ -28,6 +28,77 @@ pub fn outb(port: u16, v: u8) {
     };
 }
 
+/// Reads a 16-bit word from an I/O port.
+#[inline(always)]
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as in `inb`.
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Writes a 16-bit word to an I/O port.
+#[inline(always)]
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reads a 32-bit dword from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as in `inb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Writes a 32-bit dword to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// CPUID leaf `leaf` (subleaf 0): (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: cpuid only writes the four registers; rbx is reserved by LLVM,
+    // so it is saved in another register around the instruction.
+    unsafe {
+        asm!(
+            "mov {t:r}, rbx",
+            "cpuid",
+            "xchg {t:r}, rbx",
+            t = out(reg) b,
+            inout("eax") leaf => a,
+            inout("ecx") 0u32 => c,
+            out("edx") d,
+            options(nomem, nostack, preserves_flags)
+        )
+    };
+    (a, b, c, d)
+}
+
+/// Physical address width (CPUID 0x80000008 EAX[7:0]; 36 if not reported).
+pub fn phys_bits() -> u32 {
+    if cpuid(0x8000_0000).0 < 0x8000_0008 {
+        return 36;
+    }
+    match cpuid(0x8000_0008).0 & 0xff {
+        0 => 36,
+        n => n,
+    }
+}
+
 /// Reads a model-specific register.
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);

@@ -121,6 +121,13 @@ pub extern "C" fn isr_dispatch(frame: &mut Frame) {
         }
         v if v == lapic::SPURIOUS_VECTOR => {}
         v if v == crate::blk::IRQ_VECTOR => crate::virtio_mmio::irq(),
+        v if (crate::virtio_pci::MSIX_VECTOR_BASE
+            ..crate::virtio_pci::MSIX_VECTOR_BASE + crate::virtio_pci::MAX_MSIX as u8)
+            .contains(&v) =>
+        {
+            crate::virtio_pci::msix_irq()
+        }
+        v if crate::pci_fuzz::stray(v) => {}
         _ => fatal(frame),
     }
 }

@@ -20,10 +20,14 @@ mod lapic;
 mod memtest;
 mod mptable;
 mod paging;
+mod pci;
+mod pci_fuzz;
 mod scenario;
 mod serial;
 mod smp;
+mod transport;
 mod virtio_mmio;
+mod virtio_pci;
 mod virtqueue;
 
 use core::fmt::Write;

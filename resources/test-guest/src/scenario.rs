@@ -1,5 +1,5 @@
 //! Scenarios selected by `tg.scenario=NAME` (default `boot`): hello, boot,
-//! demo, exit, reset, triple-fault, bad-insn, exception, hang, blk.
+//! demo, exit, reset, triple-fault, bad-insn, exception, hang, blk, pci-fuzz.
 
 use crate::bootinfo::BootInfo;
 use crate::{cpu, entry, interrupts, lapic, memtest, mptable, outln, paging, smp};
@@ -81,6 +81,7 @@ pub fn run(bi: &'static BootInfo) -> ! {
         b"boot" => checks(bi, cr3, false),
         b"demo" => checks(bi, cr3, true),
         b"blk" => crate::blk::run(bi),
+        b"pci-fuzz" => crate::pci_fuzz::run(bi),
         b"reset" => {
             outln!("reset: pulsing the i8042 reset line (port 0x64, 0xfe)");
             cpu::i8042_reset();

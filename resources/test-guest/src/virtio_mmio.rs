@@ -1,11 +1,12 @@
 //! Virtio 1.x "modern" virtio-mmio transport (virtio spec 4.2.2, version 2
 //! register layout only, no legacy): device discovery from the kernel command
 //! line (`virtio_mmio.device=<size>@<base>:<irq>[:<id>]`, as Linux parses it),
-//! register access, status/feature negotiation, config space reads and the
-//! interrupt handler (InterruptStatus -> InterruptACK, LAPIC EOI).
+//! register access, feature negotiation, config space reads and the
+//! interrupt handler (InterruptStatus -> InterruptACK, LAPIC EOI). The
+//! transport-neutral part (status, queues) is in transport.rs.
 
 use crate::lapic;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// "virt" in little endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -33,15 +34,6 @@ pub const REG_QUEUE_DEVICE_LOW: u32 = 0x0a0;
 pub const REG_QUEUE_DEVICE_HIGH: u32 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u32 = 0x0fc;
 pub const REG_CONFIG: u32 = 0x100;
-
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_FAILED: u32 = 128;
-
-/// VIRTIO_F_VERSION_1.
-pub const F_VERSION_1: u64 = 1 << 32;
 
 /// Most `virtio_mmio.device=` words remembered.
 pub const MAX_DEVICES: usize = 8;
@@ -165,29 +157,13 @@ impl Mmio {
 
 /// Window of the device whose interrupt `irq` handles (0: none).
 static IRQ_BASE: AtomicU64 = AtomicU64::new(0);
-/// Device interrupts taken so far.
-static IRQ_COUNT: AtomicU32 = AtomicU32::new(0);
 
 /// Directs `irq` to acknowledge the device at `m`.
 pub fn set_irq_device(m: Mmio) {
     IRQ_BASE.store(m.base, Ordering::Relaxed);
 }
 
-/// Device interrupts handled so far.
-pub fn irq_count() -> u32 {
-    IRQ_COUNT.load(Ordering::Relaxed)
-}
-
-/// The device status byte of the device `irq` serves (0 when none).
-pub fn irq_device_status() -> u32 {
-    let base = IRQ_BASE.load(Ordering::Relaxed);
-    if base == 0 {
-        return 0;
-    }
-    Mmio { base }.read(REG_STATUS)
-}
-
-/// Interrupt handler: acknowledges every InterruptStatus bit, then EOIs.
+/// Interrupt handler: acknowledges every InterruptStatus bit, counts, EOIs.
 pub fn irq() {
     let base = IRQ_BASE.load(Ordering::Relaxed);
     if base != 0 {
@@ -197,6 +173,6 @@ pub fn irq() {
             m.write(REG_INTERRUPT_ACK, st);
         }
     }
-    IRQ_COUNT.fetch_add(1, Ordering::Relaxed);
+    crate::transport::count_irq();
     lapic::eoi();
 }

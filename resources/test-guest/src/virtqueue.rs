@@ -1,9 +1,9 @@
-//! Split virtqueues (virtio spec 2.7) for the virtio-mmio driver: static,
+//! Split virtqueues (virtio spec 2.7), transport-neutral: static,
 //! 4 KiB-aligned rings in guest RAM (one page each for the descriptor table,
 //! the available ring and the used ring), one descriptor chain in flight per
 //! queue (descriptors 0, 1, 2, ...), completion seen through the used index.
 
-use crate::virtio_mmio::{self as vm, Mmio};
+use crate::transport::{ActivateError, QueueProbe, Transport};
 use core::sync::atomic::{compiler_fence, Ordering};
 
 /// Most queues set up on one device.
@@ -48,6 +48,8 @@ pub struct Virtqueue {
     desc: *mut Desc,
     avail: *mut u16,
     used: *mut u8,
+    /// Transport's notification cookie (PCI: notify address).
+    notify: u64,
     next_avail: u16,
     last_used: u16,
     in_flight: bool,
@@ -59,20 +61,28 @@ pub enum QueueError {
     Absent,
     /// QueueReady was already 1, or QueueNumMax < 4.
     Unusable,
+    /// The device refused the MSI-X vector (the value read back).
+    Vector(u16),
+    /// The queue's notify address is outside the notify structure.
+    Notify,
 }
 
 impl Virtqueue {
-    /// Sets up queue `index` of `m` (QueueSel, QueueNum, ring addresses,
-    /// QueueReady = 1). `poll`: ask the device not to interrupt.
-    pub fn setup(m: Mmio, index: u16, poll: bool) -> Result<Virtqueue, QueueError> {
+    /// Sets up queue `index` of `t` (size, ring addresses, MSI-X `vector`
+    /// on PCI, enable). `poll`: ask the device not to interrupt.
+    pub fn setup(
+        t: &Transport,
+        index: u16,
+        poll: bool,
+        vector: u16,
+    ) -> Result<Virtqueue, QueueError> {
         if index as usize >= MAX_QUEUES {
             return Err(QueueError::Absent);
         }
-        m.write(vm::REG_QUEUE_SEL, index as u32);
-        if m.read(vm::REG_QUEUE_READY) != 0 {
-            return Err(QueueError::Unusable);
-        }
-        let max = m.read(vm::REG_QUEUE_NUM_MAX);
+        let max = match t.queue_max(index) {
+            QueueProbe::Enabled => return Err(QueueError::Unusable),
+            QueueProbe::Max(m) => m,
+        };
         if max == 0 {
             return Err(QueueError::Absent);
         }
@@ -96,22 +106,20 @@ impl Virtqueue {
             // SAFETY: avail points at its zeroed page; flags is the first u16.
             unsafe { core::ptr::write_volatile(avail as *mut u16, AVAIL_F_NO_INTERRUPT) };
         }
-        m.write(vm::REG_QUEUE_NUM, size);
-        let (d, a, u) = (desc as u64, avail as u64, used as u64);
-        m.write(vm::REG_QUEUE_DESC_LOW, d as u32);
-        m.write(vm::REG_QUEUE_DESC_HIGH, (d >> 32) as u32);
-        m.write(vm::REG_QUEUE_DRIVER_LOW, a as u32);
-        m.write(vm::REG_QUEUE_DRIVER_HIGH, (a >> 32) as u32);
-        m.write(vm::REG_QUEUE_DEVICE_LOW, u as u32);
-        m.write(vm::REG_QUEUE_DEVICE_HIGH, (u >> 32) as u32);
         compiler_fence(Ordering::SeqCst);
-        m.write(vm::REG_QUEUE_READY, 1);
+        let rings = (desc as u64, avail as u64, used as u64);
+        let notify = match t.queue_activate(index, size, rings, vector) {
+            Ok(n) => n,
+            Err(ActivateError::Vector(v)) => return Err(QueueError::Vector(v)),
+            Err(ActivateError::Notify) => return Err(QueueError::Notify),
+        };
         Ok(Virtqueue {
             index,
             size: size as u16,
             desc: desc as *mut Desc,
             avail: avail as *mut u16,
             used,
+            notify,
             next_avail: 0,
             last_used: 0,
             in_flight: false,
@@ -120,7 +128,7 @@ impl Virtqueue {
 
     /// Makes a chain of `bufs` (at most 4) available and notifies the device.
     /// One chain at a time: the previous one must have completed.
-    pub fn submit(&mut self, m: Mmio, bufs: &[Buf]) {
+    pub fn submit(&mut self, t: &Transport, bufs: &[Buf]) {
         let n = bufs.len().min(4);
         for (i, b) in bufs[..n].iter().enumerate() {
             let mut flags = if b.write { DESC_F_WRITE } else { 0 };
@@ -148,7 +156,7 @@ impl Virtqueue {
         unsafe { core::ptr::write_volatile(self.avail.add(1), self.next_avail) };
         compiler_fence(Ordering::SeqCst);
         self.in_flight = true;
-        m.write(vm::REG_QUEUE_NOTIFY, self.index as u32);
+        t.notify(self.index, self.notify);
     }
 
     /// If the chain in flight has completed, returns (id, written length).

@@ -123,6 +123,9 @@ impl PciFunction for HostBridge {
     fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
 }
 
+/// A function shared between the bus and the VMM.
+pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
 struct Mapping {
     start: u64,
     size: u64,
@@ -132,7 +135,7 @@ struct Mapping {
 
 /// PCI bus 0.
 pub struct PciRoot {
-    slots: Vec<Option<Arc<Mutex<dyn PciFunction>>>>,
+    slots: Vec<Option<SharedFunction>>,
     config_address: u32,
     mappings: Vec<Mapping>,
 }
@@ -154,8 +157,7 @@ impl PciRoot {
             subsystem_vendor: 0,
             subsystem: 0,
         });
-        let mut slots: Vec<Option<Arc<Mutex<dyn PciFunction>>>> =
-            (0..SLOTS).map(|_| None).collect();
+        let mut slots: Vec<Option<SharedFunction>> = (0..SLOTS).map(|_| None).collect();
         slots[0] = Some(Arc::new(Mutex::new(HostBridge(bridge))));
         PciRoot {
             slots,
@@ -170,7 +172,7 @@ impl PciRoot {
     }
 
     /// Puts `function` in the next free slot; returns the slot.
-    pub fn add(&mut self, function: Arc<Mutex<dyn PciFunction>>) -> Result<usize, PciBusError> {
+    pub fn add(&mut self, function: SharedFunction) -> Result<usize, PciBusError> {
         let slot = self.next_slot().ok_or(PciBusError::Full)?;
         self.slots[slot] = Some(function);
         self.refresh_mappings();
@@ -196,7 +198,7 @@ impl PciRoot {
         self.mappings = mappings;
     }
 
-    fn selected(&self) -> Option<(Arc<Mutex<dyn PciFunction>>, usize)> {
+    fn selected(&self) -> Option<(SharedFunction, usize)> {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
@@ -245,7 +247,7 @@ impl PciRoot {
         }
     }
 
-    fn find(&self, addr: u64, len: usize) -> Option<(Arc<Mutex<dyn PciFunction>>, usize, u64)> {
+    fn find(&self, addr: u64, len: usize) -> Option<(SharedFunction, usize, u64)> {
         let m = self.mappings.iter().find(|m| {
             addr >= m.start
                 && addr

@@ -3,10 +3,13 @@
 //! handshake, puts the device on its transport, hands its kick and call
 //! eventfds to KVM, and watches for a backend that goes away.
 //!
-//! virtio-mmio device `i` sits at [`VIRTIO_MMIO_BASE`] + `i` × 4 KiB on
-//! IOAPIC pin [`FIRST_DEVICE_IRQ`] + `i`, and is announced to the guest as
-//! `virtio_mmio.device=4K@<base>:<irq>`.
+//! The `i`-th virtio-mmio device sits at [`VIRTIO_MMIO_BASE`] + `i` × 4 KiB
+//! on IOAPIC pin [`FIRST_DEVICE_IRQ`] + `i`, and is announced to the guest as
+//! `virtio_mmio.device=4K@<base>:<irq>`. PCI devices take the next free
+//! slot of bus 0, in config order, with BAR 0 in the 64-bit window above
+//! RAM and one GSI per MSI-X vector ([`pci`]).
 
+mod pci;
 mod process;
 
 use std::os::fd::RawFd;
@@ -18,17 +21,21 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use outboard_transport::pci::{BarAllocator, PciBusError, PciRoot, Window};
 use outboard_transport::vhost_user::{
     DeviceShape, SharedMemoryRegion, VhostUserDevice, VhostUserError,
 };
 use outboard_transport::virtio_mmio::{MmioTransport, MMIO_WINDOW_CMDLINE_SIZE, MMIO_WINDOW_SIZE};
+use outboard_transport::virtio_pci::{self, VirtioPciError, VirtioPciTransport};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DeviceConfig, DeviceKind, TransportKind};
-use crate::memory::GuestRam;
+use crate::irq::{IrqError, IrqRouting};
+use crate::memory::{GuestRam, PCI_MMIO32_SIZE, PCI_MMIO32_START, PCI_MMIO64_SIZE};
 use crate::mmio::{MmioBus, MmioDevice, MmioError};
 
+pub use pci::VirtioPciFunction;
 pub use process::DeviceProcess;
 
 /// Where the first virtio-mmio window goes (inside the 32-bit MMIO hole).
@@ -125,6 +132,30 @@ pub enum DeviceError {
         /// What is wrong.
         problem: String,
     },
+    /// The device could not be put on the PCI bus.
+    #[error("device {name}: {source}")]
+    Pci {
+        /// Device name.
+        name: String,
+        /// Why.
+        source: PciBusError,
+    },
+    /// The virtio-pci function could not be built.
+    #[error("device {name}: {source}")]
+    VirtioPci {
+        /// Device name.
+        name: String,
+        /// Why.
+        source: VirtioPciError,
+    },
+    /// Interrupt routes could not be set up.
+    #[error("device {name}: {source}")]
+    Irq {
+        /// Device name.
+        name: String,
+        /// Why.
+        source: IrqError,
+    },
     /// A host resource (eventfd, thread) could not be created.
     #[error("devices: {what}: {source}")]
     Host {
@@ -158,6 +189,92 @@ impl VirtioMmioDevice {
     }
 }
 
+/// A device whose backend can go away under it.
+trait Supervised: Send {
+    /// The backend hung up: DEVICE_NEEDS_RESET, tell the driver.
+    fn backend_lost(&mut self);
+}
+
+impl Supervised for VirtioMmioDevice {
+    fn backend_lost(&mut self) {
+        VirtioMmioDevice::backend_lost(self);
+    }
+}
+
+impl Supervised for VirtioPciFunction {
+    fn backend_lost(&mut self) {
+        VirtioPciFunction::backend_lost(self);
+    }
+}
+
+/// PCI bus 0 while devices are added: the bus, where BARs go, and the
+/// VM's interrupt routes.
+pub struct PciSetup {
+    /// The bus.
+    pub root: PciRoot,
+    /// The 64-bit BAR window above RAM.
+    pub high: Window,
+    high_bars: BarAllocator,
+    routing: Arc<Mutex<IrqRouting>>,
+}
+
+impl PciSetup {
+    /// An empty bus; 64-bit BARs go in `high`.
+    pub fn new(high: Window, routing: Arc<Mutex<IrqRouting>>) -> Self {
+        PciSetup {
+            root: PciRoot::new(),
+            high,
+            high_bars: BarAllocator::new(high, "64-bit"),
+            routing,
+        }
+    }
+
+    /// The 32-bit BAR window (no device uses it yet; the guest may move
+    /// 64-bit BARs there).
+    pub fn low() -> Window {
+        Window {
+            start: PCI_MMIO32_START,
+            size: PCI_MMIO32_SIZE,
+        }
+    }
+
+    /// The 64-bit window for `high_start`.
+    pub fn high_window(high_start: u64) -> Window {
+        Window {
+            start: high_start,
+            size: PCI_MMIO64_SIZE,
+        }
+    }
+}
+
+/// One PCI BAR window on the MMIO bus: accesses go to whichever BAR
+/// decodes the address; nothing there reads all ones.
+pub struct PciWindow {
+    /// Where the window starts.
+    pub base: u64,
+    /// The bus.
+    pub root: Arc<Mutex<PciRoot>>,
+}
+
+impl MmioDevice for PciWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let claimed = self
+            .root
+            .lock()
+            .map(|mut r| r.mmio_read(self.base + offset, data))
+            .unwrap_or(false);
+        if !claimed {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Ok(mut r) = self.root.lock() {
+            r.mmio_write(self.base + offset, data);
+        }
+    }
+}
+
 impl MmioDevice for VirtioMmioDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.transport.read(offset, data);
@@ -172,7 +289,7 @@ impl MmioDevice for VirtioMmioDevice {
 
 struct Slot {
     name: String,
-    device: Arc<Mutex<VirtioMmioDevice>>,
+    device: Arc<Mutex<dyn Supervised>>,
     socket_fd: RawFd,
     process: Option<Arc<DeviceProcess>>,
 }
@@ -189,9 +306,10 @@ impl Devices {
     /// `bus`, ioeventfds and irqfds on `vm`.
     pub fn new(
         configs: &[DeviceConfig],
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         ram: &GuestRam,
         bus: &mut MmioBus,
+        pci: &mut PciSetup,
     ) -> Result<Self, DeviceError> {
         let mut devices = Devices {
             slots: Vec::new(),
@@ -200,7 +318,7 @@ impl Devices {
         };
         for (index, config) in configs.iter().enumerate() {
             // On error, `devices` drops and stops the processes started.
-            devices.add(index, config, vm, ram, bus)?;
+            devices.add(index, config, vm, ram, bus, pci)?;
         }
         Ok(devices)
     }
@@ -209,12 +327,12 @@ impl Devices {
         &mut self,
         index: usize,
         config: &DeviceConfig,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         ram: &GuestRam,
         bus: &mut MmioBus,
+        pci: &mut PciSetup,
     ) -> Result<(), DeviceError> {
         let name = config.name(index);
-        let TransportKind::Mmio = config.transport;
         let (process, stream) = match (&config.spawn, &config.socket) {
             (Some(spawn), _) => {
                 let (p, s) =
@@ -251,7 +369,85 @@ impl Devices {
                 return Err(DeviceError::Handshake { name, source, exit });
             }
         };
-        let slot_index = u32::try_from(index).unwrap_or(u32::MAX);
+        let socket_fd = device.socket_fd();
+        let supervised = match config.transport {
+            TransportKind::Mmio => self.add_mmio(&name, config.kind, device, vm, bus)?,
+            TransportKind::Pci => self.add_pci(&name, config.kind, device, vm, pci)?,
+        };
+        self.slots.push(Slot {
+            name,
+            device: supervised,
+            socket_fd,
+            process,
+        });
+        Ok(())
+    }
+
+    fn add_pci(
+        &mut self,
+        name: &str,
+        kind: DeviceKind,
+        device: VhostUserDevice,
+        vm: &Arc<VmFd>,
+        pci: &mut PciSetup,
+    ) -> Result<Arc<Mutex<dyn Supervised>>, DeviceError> {
+        let pci_err = |source| DeviceError::Pci {
+            name: name.to_string(),
+            source,
+        };
+        let slot = pci.root.next_slot().ok_or(pci_err(PciBusError::Full))?;
+        let bar = pci
+            .high_bars
+            .allocate(virtio_pci::BAR_SIZE)
+            .map_err(pci_err)?;
+        let queues = device.kick_fds().len();
+        let transport =
+            VirtioPciTransport::new(device, bar).map_err(|source| DeviceError::VirtioPci {
+                name: name.to_string(),
+                source,
+            })?;
+        let vectors = transport.vectors();
+        let gsis = pci
+            .routing
+            .lock()
+            .map_err(|_| DeviceError::Irq {
+                name: name.to_string(),
+                source: IrqError::Table("routing lock poisoned".into()),
+            })?
+            .allocate(u32::from(vectors))
+            .map_err(|source| DeviceError::Irq {
+                name: name.to_string(),
+                source,
+            })?;
+        let function = VirtioPciFunction::new(
+            name.to_string(),
+            transport,
+            vm.clone(),
+            pci.routing.clone(),
+            gsis,
+        )
+        .map_err(|source| DeviceError::Host {
+            what: "cannot create an interrupt eventfd",
+            source,
+        })?;
+        let function = Arc::new(Mutex::new(function));
+        pci.root.add(function.clone()).map_err(pci_err)?;
+        log::info!(
+            "{name}: {kind} on PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, {vectors} MSI-X vectors, {queues} queue(s)"
+        );
+        Ok(function)
+    }
+
+    fn add_mmio(
+        &mut self,
+        name: &str,
+        kind: DeviceKind,
+        device: VhostUserDevice,
+        vm: &VmFd,
+        bus: &mut MmioBus,
+    ) -> Result<Arc<Mutex<dyn Supervised>>, DeviceError> {
+        let name = name.to_string();
+        let slot_index = u32::try_from(self.cmdline.len()).unwrap_or(u32::MAX);
         let base = VIRTIO_MMIO_BASE + u64::from(slot_index) * MMIO_WINDOW_SIZE;
         let irq = FIRST_DEVICE_IRQ + slot_index;
         let kvm_err = |what| {
@@ -278,7 +474,6 @@ impl Devices {
         })?;
         vm.register_irqfd(&interrupt, irq)
             .map_err(kvm_err("KVM_IRQFD (config interrupt)"))?;
-        let socket_fd = device.socket_fd();
         let queues = device.kick_fds().len();
         let device = Arc::new(Mutex::new(VirtioMmioDevice {
             // The backend writes its call eventfds itself, so the VMM
@@ -294,17 +489,8 @@ impl Devices {
         self.cmdline.push(format!(
             "virtio_mmio.device={MMIO_WINDOW_CMDLINE_SIZE}@{base:#x}:{irq}"
         ));
-        log::info!(
-            "{name}: {} on virtio-mmio at {base:#x}, IRQ {irq}, {queues} queue(s)",
-            config.kind
-        );
-        self.slots.push(Slot {
-            name,
-            device,
-            socket_fd,
-            process,
-        });
-        Ok(())
+        log::info!("{name}: {kind} on virtio-mmio at {base:#x}, IRQ {irq}, {queues} queue(s)");
+        Ok(device)
     }
 
     /// What the kernel command line must say for the guest to find the
@@ -405,7 +591,7 @@ fn shared_regions(name: &str, ram: &GuestRam) -> Result<Vec<SharedMemoryRegion>,
 struct Watched {
     name: String,
     fd: RawFd,
-    device: Arc<Mutex<VirtioMmioDevice>>,
+    device: Arc<Mutex<dyn Supervised>>,
     process: Option<Arc<DeviceProcess>>,
 }
 
