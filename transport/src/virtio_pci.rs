@@ -225,6 +225,11 @@ impl<D: VirtioDevice> VirtioPciTransport<D> {
         self.msix.vectors()
     }
 
+    /// The MSI-X table and control state.
+    pub fn msix(&self) -> &Msix {
+        &self.msix
+    }
+
     /// Vector `v`'s message, if the table has it.
     pub fn vector_message(&self, v: u16) -> Option<MsiMessage> {
         self.msix.message(v)

@@ -9,6 +9,7 @@
 //! slot of bus 0, in config order, with BAR 0 in the 64-bit window above
 //! RAM and one GSI per MSI-X vector ([`pci`]).
 
+mod msix;
 mod pci;
 mod process;
 
@@ -21,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use outboard_transport::pci::config::BarKind;
 use outboard_transport::pci::{BarAllocator, PciBusError, PciRoot, Window};
 use outboard_transport::vhost_user::{
     DeviceShape, SharedMemoryRegion, VhostUserDevice, VhostUserError,
@@ -214,6 +216,7 @@ pub struct PciSetup {
     pub root: PciRoot,
     /// The 64-bit BAR window above RAM.
     pub high: Window,
+    low_bars: BarAllocator,
     high_bars: BarAllocator,
     routing: Arc<Mutex<IrqRouting>>,
 }
@@ -224,13 +227,22 @@ impl PciSetup {
         PciSetup {
             root: PciRoot::new(),
             high,
+            low_bars: BarAllocator::new(Self::low(), "32-bit"),
             high_bars: BarAllocator::new(high, "64-bit"),
             routing,
         }
     }
 
-    /// The 32-bit BAR window (no device uses it yet; the guest may move
-    /// 64-bit BARs there).
+    /// Places a BAR: 32-bit ones in the 32-bit window, 64-bit ones above
+    /// RAM.
+    pub fn allocate_bar(&mut self, kind: BarKind, size: u64) -> Result<u64, PciBusError> {
+        match kind {
+            BarKind::Memory32 => self.low_bars.allocate(size),
+            BarKind::Memory64 => self.high_bars.allocate(size),
+        }
+    }
+
+    /// The 32-bit BAR window.
     pub fn low() -> Window {
         Window {
             start: PCI_MMIO32_START,

@@ -1,11 +1,8 @@
 //! A vhost-user device as a virtio-pci function, with its KVM plumbing:
 //! queue notify addresses in BAR 0 are ioeventfds (moved when the guest
-//! moves the BAR), and each MSI-X vector is a GSI whose route carries the
-//! vector's message. The backend's call eventfd for a queue, and the VMM's
-//! own config-change eventfd, are irqfds on the GSI of the vector the
-//! driver assigned them, registered only while that vector may be
-//! delivered: KVM injects a signal that arrived while masked as soon as
-//! the irqfd is registered again, so nothing is lost across a mask.
+//! moves the BAR); the backend's call eventfd for a queue and the VMM's own
+//! config-change eventfd are irqfds on the GSI of the MSI-X vector the
+//! driver assigned them ([`MsixIrqs`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -17,26 +14,16 @@ use outboard_transport::virtio_pci::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::msix::{MsixIrqs, Notifier};
 use crate::irq::IrqRouting;
-
-/// Which eventfd an irqfd registration is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Notifier {
-    /// The backend's call eventfd of a queue.
-    Queue(usize),
-    /// The VMM's configuration-change eventfd.
-    Config,
-}
 
 /// A vhost-user device on the PCI bus.
 pub struct VirtioPciFunction {
     name: String,
     transport: VirtioPciTransport<VhostUserDevice>,
     vm: Arc<VmFd>,
-    routing: Arc<Mutex<IrqRouting>>,
-    gsis: Vec<u32>,
+    irqs: MsixIrqs,
     config_evt: EventFd,
-    irqfds: Vec<(Notifier, u32)>,
     notify_base: Option<u64>,
     started: bool,
 }
@@ -51,108 +38,37 @@ impl VirtioPciFunction {
         gsis: Vec<u32>,
     ) -> std::io::Result<Self> {
         Ok(VirtioPciFunction {
+            irqs: MsixIrqs::new(&name, vm.clone(), routing, gsis),
             name,
             transport,
             vm,
-            routing,
-            gsis,
             config_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            irqfds: Vec::new(),
             notify_base: None,
             started: false,
         })
     }
 
-    fn eventfd(&self, n: Notifier) -> Option<&EventFd> {
-        match n {
-            Notifier::Config => Some(&self.config_evt),
-            Notifier::Queue(q) => self.transport.device().call_fds().get(q),
-        }
-    }
-
-    fn gsi(&self, vector: u16) -> Option<u32> {
-        self.gsis.get(usize::from(vector)).copied()
-    }
-
-    /// Brings KVM in line with the MSI-X state: routes for every vector,
-    /// irqfds for the notifiers whose vector may be delivered.
+    /// Brings KVM in line with the MSI-X state.
     fn update_interrupts(&mut self) {
         let t = &self.transport;
-        let routes: Vec<(u32, Option<_>)> = (0..t.vectors())
-            .filter_map(|v| {
-                let msg = t.vector_message(v).filter(|_| t.vector_deliverable(v));
-                self.gsi(v).map(|g| (g, msg))
-            })
-            .collect();
-        if let Ok(mut r) = self.routing.lock() {
-            for (gsi, msg) in routes {
-                if let Err(e) = r.set(gsi, msg) {
-                    log::warn!("{}: {e}", self.name);
-                }
-            }
+        let calls = t.device().call_fds();
+        let mut notifiers = vec![Notifier {
+            label: "config".into(),
+            fd: &self.config_evt,
+            vector: t.config_vector(),
+        }];
+        for (q, fd) in calls.iter().enumerate() {
+            notifiers.push(Notifier {
+                label: format!("queue {q}"),
+                fd,
+                vector: if self.started {
+                    t.queue_vector(q)
+                } else {
+                    NO_VECTOR
+                },
+            });
         }
-        let mut wanted: Vec<(Notifier, u32)> = Vec::new();
-        let mut want = |n: Notifier, v: u16| {
-            if v != NO_VECTOR && t.vector_deliverable(v) {
-                if let Some(g) = self.gsi(v) {
-                    wanted.push((n, g));
-                }
-            }
-        };
-        want(Notifier::Config, t.config_vector());
-        if self.started {
-            for q in 0..t.device().call_fds().len() {
-                want(Notifier::Queue(q), t.queue_vector(q));
-            }
-        }
-        let stale: Vec<(Notifier, u32)> = self
-            .irqfds
-            .iter()
-            .filter(|r| !wanted.contains(r))
-            .copied()
-            .collect();
-        for (n, gsi) in stale {
-            if let Some(fd) = self.eventfd(n) {
-                if let Err(e) = self.vm.unregister_irqfd(fd, gsi) {
-                    log::warn!("{}: KVM_IRQFD deassign {n:?}: {e}", self.name);
-                }
-            }
-            self.irqfds.retain(|r| *r != (n, gsi));
-        }
-        let before = self.irqfds.len();
-        for (n, gsi) in wanted {
-            if self.irqfds.contains(&(n, gsi)) {
-                continue;
-            }
-            let Some(fd) = self.eventfd(n) else { continue };
-            match self.vm.register_irqfd(fd, gsi) {
-                Ok(()) => self.irqfds.push((n, gsi)),
-                Err(e) => log::warn!("{}: KVM_IRQFD {n:?} on GSI {gsi}: {e}", self.name),
-            }
-        }
-        if self.irqfds.len() != before {
-            let t = &self.transport;
-            let list: Vec<String> = self
-                .irqfds
-                .iter()
-                .map(|(n, gsi)| {
-                    let v = match n {
-                        Notifier::Config => t.config_vector(),
-                        Notifier::Queue(q) => t.queue_vector(*q),
-                    };
-                    let vector = t.vector_message(v).map_or(0, |m| m.data & 0xff);
-                    match n {
-                        Notifier::Config => {
-                            format!("config: MSI-X {v} (GSI {gsi}, vector {vector:#x})")
-                        }
-                        Notifier::Queue(q) => {
-                            format!("queue {q}: MSI-X {v} (GSI {gsi}, vector {vector:#x})")
-                        }
-                    }
-                })
-                .collect();
-            log::info!("{}: interrupts {}", self.name, list.join(", "));
-        }
+        self.irqs.update(t.msix(), &notifiers);
     }
 
     /// Keeps the queue notify ioeventfds where BAR 0 decodes now.
@@ -190,7 +106,7 @@ impl VirtioPciFunction {
 
     fn raise_config(&mut self) {
         let v = self.transport.config_vector();
-        if v != NO_VECTOR && self.transport.vector_deliverable(v) {
+        if self.irqs.deliverable(self.transport.msix(), v) {
             if let Err(e) = self.config_evt.write(1) {
                 log::warn!("{}: cannot raise the config interrupt: {e}", self.name);
             }
