@@ -139,13 +139,17 @@ pub enum DeviceKind {
     /// virtio-blk over vhost-user (`outboard-blk` when spawned).
     #[serde(rename = "vhost-user-blk")]
     VhostUserBlk,
+    /// A PCI function served over vfio-user (`outboard-blk --vfio-user`
+    /// when spawned); its transport must be `pci`.
+    #[serde(rename = "vfio-user")]
+    VfioUser,
 }
 
 impl DeviceKind {
     /// The in-tree program that serves this kind when spawned.
     pub fn program(&self) -> &'static str {
         match self {
-            DeviceKind::VhostUserBlk => "outboard-blk",
+            DeviceKind::VhostUserBlk | DeviceKind::VfioUser => "outboard-blk",
         }
     }
 }
@@ -154,6 +158,7 @@ impl fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DeviceKind::VhostUserBlk => "vhost-user-blk",
+            DeviceKind::VfioUser => "vfio-user",
         })
     }
 }
@@ -488,6 +493,12 @@ impl VmConfig {
                     return invalid("devices[].socket", format!("device {name:?}: is empty"))
                 }
                 _ => {}
+            }
+            if d.kind == DeviceKind::VfioUser && d.transport != TransportKind::Pci {
+                return invalid(
+                    "devices[].transport",
+                    format!("device {name:?}: a vfio-user device is a PCI function; set \"transport\": \"pci\""),
+                );
             }
             if d.queue_size == 0 || !d.queue_size.is_power_of_two() || d.queue_size > MAX_QUEUE_SIZE
             {

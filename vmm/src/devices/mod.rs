@@ -12,6 +12,7 @@
 mod msix;
 mod pci;
 mod process;
+mod vfio_user;
 
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
@@ -29,6 +30,7 @@ use outboard_transport::vhost_user::{
 };
 use outboard_transport::virtio_mmio::{MmioTransport, MMIO_WINDOW_CMDLINE_SIZE, MMIO_WINDOW_SIZE};
 use outboard_transport::virtio_pci::{self, VirtioPciError, VirtioPciTransport};
+use outboard_vfio_user::{Client, ClientConfig};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,6 +41,7 @@ use crate::mmio::{MmioBus, MmioDevice, MmioError};
 
 pub use pci::VirtioPciFunction;
 pub use process::DeviceProcess;
+pub use vfio_user::{VfioUserError, VfioUserFunction};
 
 /// Where the first virtio-mmio window goes (inside the 32-bit MMIO hole).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -150,6 +153,16 @@ pub enum DeviceError {
         /// Why.
         source: VirtioPciError,
     },
+    /// The vfio-user device could not be set up.
+    #[error("device {name}: {source}{}", exit.as_deref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    VfioUser {
+        /// Device name.
+        name: String,
+        /// What failed.
+        source: VfioUserError,
+        /// How the device process ended, when it did.
+        exit: Option<String>,
+    },
     /// Interrupt routes could not be set up.
     #[error("device {name}: {source}")]
     Irq {
@@ -195,6 +208,9 @@ impl VirtioMmioDevice {
 trait Supervised: Send {
     /// The backend hung up: DEVICE_NEEDS_RESET, tell the driver.
     fn backend_lost(&mut self);
+    /// The backend sent something while the VMM was not waiting for a
+    /// reply (vfio-user DMA requests).
+    fn socket_readable(&mut self) {}
 }
 
 impl Supervised for VirtioMmioDevice {
@@ -206,6 +222,15 @@ impl Supervised for VirtioMmioDevice {
 impl Supervised for VirtioPciFunction {
     fn backend_lost(&mut self) {
         VirtioPciFunction::backend_lost(self);
+    }
+}
+
+impl Supervised for VfioUserFunction {
+    fn backend_lost(&mut self) {
+        VfioUserFunction::backend_lost(self);
+    }
+    fn socket_readable(&mut self) {
+        self.serve_server_request();
     }
 }
 
@@ -304,6 +329,8 @@ struct Slot {
     device: Arc<Mutex<dyn Supervised>>,
     socket_fd: RawFd,
     process: Option<Arc<DeviceProcess>>,
+    /// The peer may send requests of its own (vfio-user).
+    vfio: bool,
 }
 
 /// The VM's devices and their processes.
@@ -361,21 +388,69 @@ impl Devices {
             }
             (None, None) => return Err(DeviceError::NoBackend { name }),
         };
-        let shape = match config.kind {
-            DeviceKind::VhostUserBlk => DeviceShape {
-                device_type: 2,
-                config_size: VIRTIO_BLK_CONFIG_SIZE,
-                queue_size: config.queue_size,
-            },
+        let fail = |source: DeviceError| {
+            if let Some(p) = &process {
+                p.stop(STOP_GRACE);
+            }
+            source
         };
+        let (supervised, socket_fd, vfio) = match config.kind {
+            DeviceKind::VfioUser => {
+                let f = self
+                    .add_vfio_user(&name, stream, vm, ram, pci, process.as_deref())
+                    .map_err(fail)?;
+                (f.0, f.1, true)
+            }
+            DeviceKind::VhostUserBlk => {
+                let shape = DeviceShape {
+                    device_type: 2,
+                    config_size: VIRTIO_BLK_CONFIG_SIZE,
+                    queue_size: config.queue_size,
+                };
+                let (s, fd) = self.add_vhost_user(
+                    &name,
+                    config,
+                    shape,
+                    stream,
+                    vm,
+                    ram,
+                    bus,
+                    pci,
+                    process.as_deref(),
+                )?;
+                (s, fd, false)
+            }
+        };
+        self.slots.push(Slot {
+            name,
+            device: supervised,
+            socket_fd,
+            process,
+            vfio,
+        });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_vhost_user(
+        &mut self,
+        name: &str,
+        config: &DeviceConfig,
+        shape: DeviceShape,
+        stream: UnixStream,
+        vm: &Arc<VmFd>,
+        ram: &GuestRam,
+        bus: &mut MmioBus,
+        pci: &mut PciSetup,
+        process: Option<&DeviceProcess>,
+    ) -> Result<(Arc<Mutex<dyn Supervised>>, RawFd), DeviceError> {
+        let name = name.to_string();
         let regions = shared_regions(&name, ram)?;
         let device = match VhostUserDevice::connect(&name, stream, shape, regions) {
             Ok(d) => d,
             Err(source) => {
-                let exit = process
-                    .as_ref()
-                    .map(|p| p.describe_exit(Duration::from_millis(500)));
-                if let Some(p) = &process {
+                let exit = process.map(|p| p.describe_exit(Duration::from_millis(500)));
+                if let Some(p) = process {
                     p.stop(STOP_GRACE);
                 }
                 return Err(DeviceError::Handshake { name, source, exit });
@@ -386,13 +461,59 @@ impl Devices {
             TransportKind::Mmio => self.add_mmio(&name, config.kind, device, vm, bus)?,
             TransportKind::Pci => self.add_pci(&name, config.kind, device, vm, pci)?,
         };
-        self.slots.push(Slot {
+        Ok((supervised, socket_fd))
+    }
+
+    fn add_vfio_user(
+        &mut self,
+        name: &str,
+        stream: UnixStream,
+        vm: &Arc<VmFd>,
+        ram: &GuestRam,
+        pci: &mut PciSetup,
+        process: Option<&DeviceProcess>,
+    ) -> Result<(Arc<Mutex<dyn Supervised>>, RawFd), DeviceError> {
+        let failed = |source: VfioUserError| DeviceError::VfioUser {
+            name: name.to_string(),
+            source,
+            exit: process.map(|p| p.describe_exit(Duration::from_millis(500))),
+        };
+        let slot = pci.root.next_slot().ok_or(DeviceError::Pci {
+            name: name.to_string(),
+            source: PciBusError::Full,
+        })?;
+        let client_config = ClientConfig {
+            memory: Some(VfioUserFunction::dma_memory(ram)),
+            ..ClientConfig::default()
+        };
+        let client = Client::connect_with(stream, client_config).map_err(|source| {
+            failed(VfioUserError::Client {
+                what: "VERSION",
+                source,
+            })
+        })?;
+        let routing = pci.routing.clone();
+        let function = VfioUserFunction::new(
             name,
-            device: supervised,
-            socket_fd,
-            process,
-        });
-        Ok(())
+            client,
+            vm.clone(),
+            ram,
+            routing.clone(),
+            |kind, size| pci.allocate_bar(kind, size).ok(),
+            |n| routing.lock().ok()?.allocate(n).ok(),
+        )
+        .map_err(failed)?;
+        let socket_fd = function.socket_fd();
+        let bars = function.decoded_bars_all();
+        let function = Arc::new(Mutex::new(function));
+        pci.root
+            .add(function.clone())
+            .map_err(|source| DeviceError::Pci {
+                name: name.to_string(),
+                source,
+            })?;
+        log::info!("{name}: vfio-user device on PCI 00:{slot:02x}.0, BARs {bars:x?}");
+        Ok((function, socket_fd))
     }
 
     fn add_pci(
@@ -409,8 +530,7 @@ impl Devices {
         };
         let slot = pci.root.next_slot().ok_or(pci_err(PciBusError::Full))?;
         let bar = pci
-            .high_bars
-            .allocate(virtio_pci::BAR_SIZE)
+            .allocate_bar(virtio_pci::BAR_KIND, virtio_pci::BAR_SIZE)
             .map_err(pci_err)?;
         let queues = device.kick_fds().len();
         let transport =
@@ -530,6 +650,7 @@ impl Devices {
                 fd: s.socket_fd,
                 device: s.device.clone(),
                 process: s.process.clone(),
+                requests: s.vfio,
             })
             .collect();
         let stop_flag = stop.clone();
@@ -562,18 +683,23 @@ impl Drop for Devices {
     }
 }
 
-/// Arguments the VMM adds for its own in-tree programs: the queue size it
-/// offers (the backend must accept rings that large), unless given.
+/// Arguments the VMM adds for its own in-tree programs, unless given: the
+/// queue size it offers (the backend must accept rings that large), and
+/// `--vfio-user` for a vfio-user device.
 fn spawn_extra_args(config: &DeviceConfig) -> Vec<String> {
     let Some(spawn) = &config.spawn else {
         return Vec::new();
     };
     let in_tree = spawn.program.is_none();
-    if in_tree && !spawn.args.iter().any(|a| a.starts_with("--queue-size")) {
-        vec!["--queue-size".into(), config.queue_size.to_string()]
-    } else {
-        Vec::new()
+    let has = |flag: &str| spawn.args.iter().any(|a| a.starts_with(flag));
+    let mut extra = Vec::new();
+    if in_tree && !has("--queue-size") {
+        extra.extend(["--queue-size".into(), config.queue_size.to_string()]);
     }
+    if in_tree && config.kind == DeviceKind::VfioUser && !has("--vfio-user") {
+        extra.push("--vfio-user".into());
+    }
+    extra
 }
 
 /// Guest RAM as the backend maps it: the memfd at each range's offset.
@@ -605,6 +731,7 @@ struct Watched {
     fd: RawFd,
     device: Arc<Mutex<dyn Supervised>>,
     process: Option<Arc<DeviceProcess>>,
+    requests: bool,
 }
 
 /// Polls the backends' sockets for a hang-up until `stop`.
@@ -618,8 +745,9 @@ fn monitor(mut watched: Vec<Watched>, wake: EventFd, stop: Arc<AtomicBool>) {
         })
         .chain(watched.iter().map(|w| libc::pollfd {
             fd: w.fd,
-            // Only the hang-up: replies on the socket are the frontend's.
-            events: libc::POLLRDHUP,
+            // The hang-up; and requests from peers that send them (replies
+            // are read by whoever made the request).
+            events: libc::POLLRDHUP | if w.requests { libc::POLLIN } else { 0 },
             revents: 0,
         }))
         .collect();
@@ -636,6 +764,13 @@ fn monitor(mut watched: Vec<Watched>, wake: EventFd, stop: Arc<AtomicBool>) {
         }
         if stop.load(Ordering::Acquire) {
             return;
+        }
+        for (w, p) in watched.iter().zip(fds.iter().skip(1)) {
+            if w.requests && p.revents & libc::POLLIN != 0 && p.revents & libc::POLLRDHUP == 0 {
+                if let Ok(mut d) = w.device.lock() {
+                    d.socket_readable();
+                }
+            }
         }
         let hung_up: Vec<bool> = fds
             .iter()
