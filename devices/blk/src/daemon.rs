@@ -132,6 +132,7 @@ fn fd_listener(fd: RawFd) -> Result<Listener, ServeError> {
 /// one, else the whole process (cleaning up the socket path).
 pub struct Stopper {
     handle: Mutex<Option<ShutdownHandle>>,
+    stream: Mutex<Option<std::os::unix::net::UnixStream>>,
     socket_path: Option<PathBuf>,
 }
 
@@ -141,6 +142,7 @@ impl Stopper {
     pub fn new(listen: &Listen) -> Arc<Self> {
         Arc::new(Stopper {
             handle: Mutex::new(None),
+            stream: Mutex::new(None),
             socket_path: match listen {
                 Listen::Socket(p) => Some(p.clone()),
                 Listen::Fd(_) => None,
@@ -185,6 +187,16 @@ impl Stopper {
             } else {
                 "SIGINT"
             };
+            let stream = self
+                .stream
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(s) = stream {
+                log::info!("{name}: closing the connection");
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
             let handle = self
                 .handle
                 .lock()
@@ -204,6 +216,11 @@ impl Stopper {
                 }
             }
         }
+    }
+
+    /// The vfio-user connection a signal should close.
+    pub fn set_stream(&self, stream: Option<std::os::unix::net::UnixStream>) {
+        *self.stream.lock().unwrap_or_else(PoisonError::into_inner) = stream;
     }
 
     fn set(&self, handle: Option<ShutdownHandle>) {

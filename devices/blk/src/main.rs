@@ -1,5 +1,6 @@
 //! The `outboard-blk` command: serves a raw image as a vhost-user-blk
-//! device to one frontend, and exits 0 when that frontend disconnects (or
+//! device (or, with `--vfio-user`, as a virtio-blk PCI function over
+//! vfio-user) to one frontend, and exits 0 when that frontend disconnects (or
 //! on SIGTERM). Errors print one `outboard-blk: error: ...` line and exit 1.
 
 use std::os::fd::RawFd;
@@ -11,8 +12,9 @@ use clap::{Args, Parser, ValueEnum};
 
 use outboard_blk::daemon::{self, Listen, Stopper};
 use outboard_blk::request::ID_LEN;
+use outboard_blk::vfio_user::{self, BlkVfioDevice};
 use outboard_blk::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
-use outboard_blk::{BlkBackend, Disk, DiskOptions, QueueOptions};
+use outboard_blk::{BlkBackend, BlkPciFunction, Disk, DiskOptions, QueueOptions};
 
 /// Serve a raw disk image as a vhost-user-blk device.
 #[derive(Parser, Debug)]
@@ -40,6 +42,10 @@ struct Cli {
     /// Offer VIRTIO_RING_F_EVENT_IDX.
     #[arg(long, value_name = "on|off", default_value = "on")]
     event_idx: OnOff,
+    /// Present the disk as a virtio-blk PCI function over vfio-user
+    /// instead of vhost-user-blk.
+    #[arg(long)]
+    vfio_user: bool,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -146,6 +152,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         disk.direct(),
         queues.queues
     );
+    if cli.vfio_user {
+        let function = BlkPciFunction::new(Arc::new(disk), queues)?;
+        let mut device = BlkVfioDevice::new(function);
+        let stream = loop {
+            match listener.accept() {
+                Ok(Some(s)) => break s,
+                Ok(None) => continue,
+                Err(e) => return Err(format!("vfio-user: accept: {e}").into()),
+            }
+        };
+        stopper.set_stream(stream.try_clone().ok());
+        let result = vfio_user::serve(&mut device, stream);
+        stopper.set_stream(None);
+        result.map_err(|e| format!("vfio-user: {e}"))?;
+        log::info!("connection closed, exiting");
+        return Ok(());
+    }
     let backend = Arc::new(BlkBackend::new(Arc::new(disk), queues)?);
     daemon::serve(backend, &mut listener, &stopper)?;
     log::info!("connection closed, exiting");

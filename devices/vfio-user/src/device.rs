@@ -161,6 +161,23 @@ pub trait Device {
         Ok(())
     }
 
+    /// DMA logging started (`Some(page_size)`) or stopped (`None`). Devices
+    /// that write guest memory only through [`Dma`](crate::Dma) need
+    /// nothing here; devices with mappings of their own start or stop
+    /// tracking their writes.
+    fn dma_logging(&mut self, page_size: Option<u64>) -> io::Result<()> {
+        let _ = page_size;
+        Ok(())
+    }
+
+    /// Before each DMA logging report: a device with mappings of its own
+    /// adds what it wrote since the last call with
+    /// [`Dma::mark_dirty`](crate::Dma::mark_dirty).
+    fn dma_logging_sync(&mut self, dma: &crate::Dma) -> io::Result<()> {
+        let _ = dma;
+        Ok(())
+    }
+
     /// A DMA window was removed (it is no longer reachable).
     fn dma_unmap(&mut self, range: DmaRange) {
         let _ = range;

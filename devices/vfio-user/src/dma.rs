@@ -269,6 +269,15 @@ impl Dma {
         Ok(())
     }
 
+    /// Records that the device wrote `[iova, iova + len)` through a mapping
+    /// of its own (not through [`Dma::write`]); a no-op unless DMA logging
+    /// is on.
+    pub fn mark_dirty(&self, iova: u64, len: u64) {
+        if let Some(log) = lock(&self.inner.log).as_mut() {
+            log.mark(iova, len);
+        }
+    }
+
     /// Finds the window holding `addr`, copies through its mapping if it has
     /// one (under the table lock), else says how much must go by message.
     fn direct(

@@ -678,6 +678,10 @@ impl Server {
                     return einval();
                 }
                 let page_size = self.dma.log_start(c.page_size, &c.ranges)?;
+                if let Err(e) = device.dma_logging(Some(page_size)) {
+                    self.dma.log_stop();
+                    return Err(io_errno(e));
+                }
                 let d = wire::DmaLoggingControl {
                     page_size,
                     ranges: c.ranges,
@@ -689,6 +693,9 @@ impl Server {
                     return einval();
                 }
                 self.dma.log_stop();
+                if let Err(e) = device.dma_logging(None) {
+                    log::warn!("vfio-user: device could not stop DMA logging: {e}");
+                }
                 Ok(Reply::body(body.to_vec()))
             }
             _ => {
@@ -705,6 +712,7 @@ impl Server {
                 if argsz < size {
                     return einval();
                 }
+                device.dma_logging_sync(&self.dma).map_err(io_errno)?;
                 let bitmap = self.dma.log_report(r.iova, r.length, r.page_size)?;
                 Ok(Reply::body(reply_feature(req, size, &r.encode(&bitmap))))
             }
