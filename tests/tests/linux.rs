@@ -81,10 +81,21 @@ struct RootBoot {
     userspace: bool,
 }
 
-/// Boots `kernel` with no initramfs and `root=/dev/vda rw`, the disk on
-/// `transport` (`mmio` or `pci`), up to `Run /sbin/init` (or, where
-/// userspace runs, to init's clean reboot).
-fn boot_from_root_disk(kernel: PathBuf, vcpus: u8, transport: &str) -> RootBoot {
+/// How the root disk is attached.
+#[derive(Clone, Copy)]
+enum RootDisk {
+    /// vhost-user-blk on virtio-mmio.
+    Mmio,
+    /// vhost-user-blk on virtio-pci.
+    Pci,
+    /// outboard-blk as a virtio-pci function over vfio-user.
+    VfioUser,
+}
+
+/// Boots `kernel` with no initramfs and `root=/dev/vda rw`, the disk
+/// attached as `disk`, up to `Run /sbin/init` (or, where userspace runs, to
+/// init's clean reboot).
+fn boot_from_root_disk(kernel: PathBuf, vcpus: u8, disk: RootDisk) -> RootBoot {
     let linux = linux_guest();
     let host = host_kvm();
     let userspace = linux.userspace_runs(host);
@@ -108,10 +119,14 @@ fn boot_from_root_disk(kernel: PathBuf, vcpus: u8, transport: &str) -> RootBoot 
         "{} root=/dev/vda rw outboard.cmd=cat%20/host-file%20&&%20echo%20written-by-the-guest%20>/guest-file",
         linux.cmdline
     );
-    let device = spawned_blk_device("rootdisk", &img, &[]).replace(
-        r#""transport": "mmio""#,
-        &format!(r#""transport": "{transport}""#),
-    );
+    let mmio = spawned_blk_device("rootdisk", &img, &[]);
+    let device = match disk {
+        RootDisk::Mmio => mmio,
+        RootDisk::Pci => mmio.replace(r#""transport": "mmio""#, r#""transport": "pci""#),
+        RootDisk::VfioUser => mmio
+            .replace(r#""transport": "mmio""#, r#""transport": "pci""#)
+            .replace(r#""kind": "vhost-user-blk""#, r#""kind": "vfio-user""#),
+    };
     let spec = VmSpec {
         vcpus,
         memory_mib: 256,
@@ -190,7 +205,7 @@ fn assert_root_mounted(b: &RootBoot) {
 /// VMM added).
 #[test]
 fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
-    let b = boot_from_root_disk(linux_guest().vmlinux, 2, "mmio");
+    let b = boot_from_root_disk(linux_guest().vmlinux, 2, RootDisk::Mmio);
     assert_root_mounted(&b);
     let out = &b.out;
     let d = out.describe();
@@ -234,7 +249,7 @@ fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
 /// disk read-write as root.
 #[test]
 fn linux_mounts_ext4_root_from_a_virtio_pci_disk_with_msix() {
-    let b = boot_from_root_disk(linux_guest().vmlinux, 1, "pci");
+    let b = boot_from_root_disk(linux_guest().vmlinux, 1, RootDisk::Pci);
     assert_root_mounted(&b);
     let out = &b.out;
     let d = out.describe();
@@ -266,6 +281,40 @@ fn linux_mounts_ext4_root_from_a_virtio_pci_disk_with_msix() {
         .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"));
     assert!(line.contains("config: MSI-X 0"), "{line}");
     assert!(line.contains("queue 0: MSI-X 1"), "{line}");
+}
+
+/// vmlinux, 1 vCPU: the root disk is our block process presenting a
+/// virtio-blk PCI function over vfio-user, the VMM owning its BAR and
+/// MSI-X. Linux sees an ordinary virtio-pci disk.
+#[test]
+fn linux_mounts_ext4_root_from_a_vfio_user_disk() {
+    let b = boot_from_root_disk(linux_guest().vmlinux, 1, RootDisk::VfioUser);
+    assert_root_mounted(&b);
+    let out = &b.out;
+    let d = out.describe();
+    assert!(
+        out.serial
+            .contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("virtio-pci 0000:00:01.0: enabling device"),
+        "{d}"
+    );
+    assert!(
+        out.stderr
+            .contains("rootdisk: vfio-user device on PCI 00:01.0"),
+        "{d}"
+    );
+    let line = out
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("rootdisk: interrupts"))
+        .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"));
+    assert!(line.contains("vector 0: MSI-X 0"), "{line}");
+    assert!(line.contains("vector 1: MSI-X 1"), "{line}");
 }
 
 /// bzImage, 1 vCPU, 128 MiB: the bzImage path of the boot protocol.
