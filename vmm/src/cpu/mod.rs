@@ -2,4 +2,5 @@
 
 pub mod cpuid;
 pub mod setup;
+pub mod state;
 pub mod vcpu;
