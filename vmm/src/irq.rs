@@ -72,7 +72,15 @@ impl IrqRouting {
         if old == message {
             return Ok(());
         }
-        self.commit()
+        let result = self.commit();
+        if result.is_err() {
+            // KVM kept the old table: so does this map.
+            match old {
+                Some(m) => self.msi.insert(gsi, m),
+                None => self.msi.remove(&gsi),
+            };
+        }
+        result
     }
 
     fn commit(&self) -> Result<(), IrqError> {

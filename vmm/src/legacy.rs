@@ -120,9 +120,7 @@ impl PortBus {
     pub fn read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
         if let Some((root, offset)) = self.pci_port(port) {
-            if let Ok(mut r) = root.lock() {
-                r.config_port_read(offset, data);
-            }
+            outboard_transport::pci::bus::config_port_read(root, offset, data);
             return;
         }
         match port {
@@ -143,9 +141,7 @@ impl PortBus {
     /// Handles an `out` of `data` to `port`.
     pub fn write(&self, port: u16, data: &[u8]) {
         if let Some((root, offset)) = self.pci_port(port) {
-            if let Ok(mut r) = root.lock() {
-                r.config_port_write(offset, data);
-            }
+            outboard_transport::pci::bus::config_port_write(root, offset, data);
             return;
         }
         let Some(&value) = data.first() else { return };

@@ -133,6 +133,80 @@ struct Mapping {
     bar: usize,
 }
 
+/// Config-port access outside the bus lock: a function may block (a
+/// vfio-user function waits for its device process), and other vCPUs must
+/// still reach the rest of the bus meanwhile.
+pub fn config_port_read(root: &Mutex<PciRoot>, offset: u16, data: &mut [u8]) {
+    data.fill(0xff);
+    let target = match root.lock() {
+        Ok(mut r) if offset == 0 => {
+            r.config_port_read(0, data);
+            return;
+        }
+        Ok(r) if (4..8).contains(&offset) && usize::from(offset - 4) + data.len() <= 4 => {
+            r.selected()
+        }
+        _ => return,
+    };
+    if let Some((f, reg)) = target {
+        if let Ok(mut f) = f.lock() {
+            f.read_config(reg + usize::from(offset - 4), data);
+        }
+    }
+}
+
+/// Config-port write outside the bus lock (see [`config_port_read`]).
+pub fn config_port_write(root: &Mutex<PciRoot>, offset: u16, data: &[u8]) {
+    let target = match root.lock() {
+        Ok(mut r) if offset == 0 => {
+            r.config_port_write(0, data);
+            return;
+        }
+        Ok(r) if (4..8).contains(&offset) && usize::from(offset - 4) + data.len() <= 4 => {
+            r.selected()
+        }
+        _ => return,
+    };
+    if let Some((f, reg)) = target {
+        if let Ok(mut f) = f.lock() {
+            f.write_config(reg + usize::from(offset - 4), data);
+        }
+        if let Ok(mut r) = root.lock() {
+            r.refresh_mappings();
+        }
+    }
+}
+
+/// A BAR read at `addr` outside the bus lock; false when nothing decodes
+/// it.
+pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
+    let target = root.lock().ok().and_then(|r| r.find(addr, data.len()));
+    match target {
+        Some((f, bar, offset)) => {
+            if let Ok(mut f) = f.lock() {
+                f.read_bar(bar, offset, data);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// A BAR write at `addr` outside the bus lock; false when nothing decodes
+/// it.
+pub fn mmio_write(root: &Mutex<PciRoot>, addr: u64, data: &[u8]) -> bool {
+    let target = root.lock().ok().and_then(|r| r.find(addr, data.len()));
+    match target {
+        Some((f, bar, offset)) => {
+            if let Ok(mut f) = f.lock() {
+                f.write_bar(bar, offset, data);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
 /// PCI bus 0.
 pub struct PciRoot {
     slots: Vec<Option<SharedFunction>>,
@@ -181,7 +255,7 @@ impl PciRoot {
 
     /// Re-reads every function's decoded BARs (after a config write that
     /// may have moved one or switched decoding).
-    fn refresh_mappings(&mut self) {
+    pub fn refresh_mappings(&mut self) {
         let mut mappings = Vec::new();
         for (slot, f) in self.slots.iter().enumerate() {
             let Some(f) = f else { continue };
@@ -198,7 +272,8 @@ impl PciRoot {
         self.mappings = mappings;
     }
 
-    fn selected(&self) -> Option<(SharedFunction, usize)> {
+    /// The function and register CONFIG_ADDRESS selects now, if any.
+    pub fn selected(&self) -> Option<(SharedFunction, usize)> {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
@@ -247,12 +322,14 @@ impl PciRoot {
         }
     }
 
-    fn find(&self, addr: u64, len: usize) -> Option<(SharedFunction, usize, u64)> {
+    /// The function, BAR and offset that decode `len` bytes at `addr`.
+    pub fn find(&self, addr: u64, len: usize) -> Option<(SharedFunction, usize, u64)> {
         let m = self.mappings.iter().find(|m| {
             addr >= m.start
                 && addr
                     .checked_add(len as u64)
-                    .is_some_and(|end| end <= m.start + m.size)
+                    .zip(m.start.checked_add(m.size))
+                    .is_some_and(|(end, bar_end)| end <= bar_end)
         })?;
         let f = self.slots.get(m.slot)?.as_ref()?.clone();
         Some((f, m.bar, addr - m.start))

@@ -51,6 +51,8 @@ pub const FIRST_DEVICE_IRQ: u32 = 5;
 const MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// virtio-blk's config space as Linux 6.1 and QEMU 7.2 read it.
 const VIRTIO_BLK_CONFIG_SIZE: u32 = 60;
+/// How long the VMM waits for a vfio-user device's answer.
+const VFIO_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping device process gets before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -295,20 +297,15 @@ pub struct PciWindow {
 
 impl MmioDevice for PciWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let claimed = self
-            .root
-            .lock()
-            .map(|mut r| r.mmio_read(self.base + offset, data))
-            .unwrap_or(false);
-        if !claimed {
+        let addr = self.base.saturating_add(offset);
+        if !outboard_transport::pci::bus::mmio_read(&self.root, addr, data) {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Ok(mut r) = self.root.lock() {
-            r.mmio_write(self.base + offset, data);
-        }
+        let addr = self.base.saturating_add(offset);
+        outboard_transport::pci::bus::mmio_write(&self.root, addr, data);
     }
 }
 
@@ -482,6 +479,16 @@ impl Devices {
             name: name.to_string(),
             source: PciBusError::Full,
         })?;
+        // A device process that stops answering must not hold a vCPU (and
+        // the bus) forever: every exchange has a deadline.
+        stream
+            .set_read_timeout(Some(VFIO_USER_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(VFIO_USER_TIMEOUT)))
+            .map_err(|source| DeviceError::Socket {
+                name: name.to_string(),
+                what: "cannot set socket timeouts",
+                source,
+            })?;
         let client_config = ClientConfig {
             memory: Some(VfioUserFunction::dma_memory(ram)),
             ..ClientConfig::default()

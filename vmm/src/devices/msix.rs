@@ -58,19 +58,6 @@ impl MsixIrqs {
     /// notifier (with no vector when inactive) so stale ones can be
     /// unregistered.
     pub fn update(&mut self, msix: &Msix, notifiers: &[Notifier<'_>]) {
-        let routes: Vec<(u32, Option<_>)> = (0..msix.vectors())
-            .filter_map(|v| {
-                let msg = msix.message(v).filter(|_| msix.deliverable(v));
-                self.gsi(v).map(|g| (g, msg))
-            })
-            .collect();
-        if let Ok(mut r) = self.routing.lock() {
-            for (gsi, msg) in routes {
-                if let Err(e) = r.set(gsi, msg) {
-                    log::warn!("{}: {e}", self.name);
-                }
-            }
-        }
         let wanted: Vec<(String, u32)> = notifiers
             .iter()
             .filter(|n| n.vector != NO_VECTOR && msix.deliverable(n.vector))
@@ -90,6 +77,22 @@ impl MsixIrqs {
                 }
             }
             self.irqfds.retain(|r| *r != (label.clone(), gsi));
+        }
+        let routes: Vec<(u32, Option<_>)> = (0..msix.vectors())
+            .filter_map(|v| {
+                // The last message stays routed while the vector is
+                // masked (its irqfd is away then): a signal KVM took just
+                // before the deassign still lands.
+                let msg = msix.message(v).filter(|_| msix.enabled());
+                self.gsi(v).map(|g| (g, msg))
+            })
+            .collect();
+        if let Ok(mut r) = self.routing.lock() {
+            for (gsi, msg) in routes {
+                if let Err(e) = r.set(gsi, msg) {
+                    log::warn!("{}: {e}", self.name);
+                }
+            }
         }
         let mut changed = false;
         for (label, gsi) in wanted {

@@ -69,6 +69,10 @@ impl VirtioPciFunction {
             });
         }
         self.irqs.update(t.msix(), &notifiers);
+        let v = self.transport.config_vector();
+        if v != NO_VECTOR && self.irqs.deliverable(self.transport.msix(), v) {
+            self.transport.set_vector_pending(v, false);
+        }
     }
 
     /// Keeps the queue notify ioeventfds where BAR 0 decodes now.
@@ -96,21 +100,34 @@ impl VirtioPciFunction {
         if let Some(new) = base {
             for (q, kick) in kicks.iter().enumerate() {
                 if let Err(e) = self.vm.register_ioevent(kick, &addr(new, q), NoDatamatch) {
-                    log::warn!("{}: KVM_IOEVENTFD queue {q} at {new:#x}: {e}", self.name);
+                    log::warn!(
+                        "{}: KVM_IOEVENTFD queue {q} at {new:#x}: {e}; notifications go through the VMM",
+                        self.name
+                    );
+                    // Undo this pass: all or none, so nothing is left behind.
+                    for (p, k) in kicks.iter().enumerate().take(q) {
+                        let _ = self.vm.unregister_ioevent(k, &addr(new, p), NoDatamatch);
+                    }
                     registered = None;
+                    break;
                 }
             }
         }
         self.notify_base = registered;
     }
 
+    /// Signals the config eventfd: KVM delivers it now, or when the
+    /// vector's irqfd is registered again (unmasked); the PBA shows it
+    /// pending meanwhile.
     fn raise_config(&mut self) {
         let v = self.transport.config_vector();
-        if self.irqs.deliverable(self.transport.msix(), v) {
-            if let Err(e) = self.config_evt.write(1) {
-                log::warn!("{}: cannot raise the config interrupt: {e}", self.name);
-            }
-        } else if v != NO_VECTOR {
+        if v == NO_VECTOR {
+            return;
+        }
+        if let Err(e) = self.config_evt.write(1) {
+            log::warn!("{}: cannot raise the config interrupt: {e}", self.name);
+        }
+        if !self.irqs.deliverable(self.transport.msix(), v) {
             self.transport.set_vector_pending(v, true);
         }
     }

@@ -208,7 +208,17 @@ impl VfioUserFunction {
             } else {
                 BarKind::Memory32
             };
-            let size = region.size.max(16).next_power_of_two();
+            let size = region
+                .size
+                .max(16)
+                .checked_next_power_of_two()
+                .filter(|s| kind == BarKind::Memory64 || *s <= 1 << 31)
+                .ok_or_else(|| {
+                    VfioUserError::Unsupported(format!(
+                        "BAR {bar} of {:#x} bytes is too large",
+                        region.size
+                    ))
+                })?;
             let addr = place_bar(kind, size).ok_or_else(|| {
                 VfioUserError::Unsupported(format!("BAR {bar} ({size:#x} bytes) does not fit"))
             })?;
@@ -329,6 +339,13 @@ impl VfioUserFunction {
                             .collect()
                     };
                     for (offset, size) in areas {
+                        if self.covers_msix(bar, offset, size) {
+                            log::warn!(
+                                "{}: BAR {bar} area {offset:#x}+{size:#x} covers the MSI-X table or PBA; accesses are forwarded",
+                                self.name
+                            );
+                            continue;
+                        }
                         match map_area(&fd, region.offset, offset, size) {
                             Ok(area) => self.areas.push((bar, area)),
                             Err(e) => log::warn!(
@@ -343,7 +360,20 @@ impl VfioUserFunction {
                 Ok(io) => {
                     let mut fds: Vec<Option<OwnedFd>> = io.fds.into_iter().map(Some).collect();
                     for s in io.sub_regions {
-                        if s.flags & KVM_IOEVENTFD_FLAG_PIO != 0 {
+                        let inside = s
+                            .offset
+                            .checked_add(s.size)
+                            .is_some_and(|end| end <= region.size);
+                        let size_ok = matches!(s.size, 1 | 2 | 4 | 8)
+                            || (s.size == 0 && s.flags & KVM_IOEVENTFD_FLAG_DATAMATCH == 0);
+                        if s.flags & KVM_IOEVENTFD_FLAG_PIO != 0 || !inside || !size_ok {
+                            log::warn!(
+                                "{}: BAR {bar}: ignored io fd area {:#x}+{:#x} (flags {:#x})",
+                                self.name,
+                                s.offset,
+                                s.size,
+                                s.flags
+                            );
                             continue;
                         }
                         let Some(fd) = fds.get_mut(s.fd_index as usize).and_then(Option::take)
@@ -384,7 +414,10 @@ impl VfioUserFunction {
                 continue;
             }
             if area.at.is_some() {
-                set_slot(&self.vm, area.slot, 0, 0, area.host);
+                if !set_slot(&self.vm, area.slot, 0, 0, area.host) {
+                    // Still in KVM: keep it recorded (and the mapping).
+                    continue;
+                }
                 area.at = None;
             }
             if let Some(gpa) = want {
@@ -461,6 +494,23 @@ impl VfioUserFunction {
     /// The device went away: it reads as all ones from now on.
     pub fn backend_lost(&mut self) {
         self.broken = true;
+    }
+
+    /// Whether `offset..offset+size` of BAR `bar` touches the MSI-X table
+    /// or PBA pages (which the VMM must see).
+    fn covers_msix(&self, bar: usize, offset: u64, size: u64) -> bool {
+        let Some(m) = &self.msix else { return false };
+        let v = m.msix.vectors();
+        let page = |a: u64| a & !0xfff;
+        let overlaps = |start: u64, len: u64| {
+            let (s, e) = (
+                page(start),
+                page(start.saturating_add(len).saturating_add(0xfff)),
+            );
+            offset < e && s < offset.saturating_add(size)
+        };
+        (bar == m.table_bar && overlaps(m.table_offset, Msix::table_size(v)))
+            || (bar == m.pba_bar && overlaps(m.pba_offset, Msix::pba_size(v)))
     }
 
     fn emulated(&self, offset: usize) -> bool {
@@ -661,6 +711,21 @@ fn map_area(
         .ok_or_else(|| std::io::Error::other("area offset out of range"))?;
     if len == 0 || len % 4096 != 0 || offset % 4096 != 0 {
         return Err(std::io::Error::other("area not page aligned"));
+    }
+    // Only a sealed regular file (a memfd that cannot shrink) is mapped
+    // into the guest: anything else could turn guest accesses into faults
+    // that stop the vCPU.
+    let file = std::fs::File::from(fd.try_clone()?);
+    let meta = file.metadata()?;
+    // SAFETY: F_GET_SEALS on a descriptor we hold; it returns flags or -1.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    let end = u64::try_from(file_offset)
+        .unwrap_or(u64::MAX)
+        .saturating_add(size);
+    if !meta.is_file() || meta.len() < end || seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(std::io::Error::other(
+            "not a shrink-sealed regular file long enough",
+        ));
     }
     // SAFETY: a fresh shared mapping of a descriptor we hold; the kernel
     // picks the address; the result is checked.
