@@ -7,6 +7,9 @@
 //! `OUTBOARD_TEST_GUEST` (the test guest ELF), `OUTBOARD_LINUX_DIR` (a
 //! directory with `vmlinux`, `bzImage` and `initramfs.cpio`).
 
+pub mod bench;
+pub mod vfio_driver;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -32,22 +32,18 @@
 use std::fs::File;
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use outboard_tests::bench::{
+    outboard_blk_bin, stamp, Figures, Image, Process, Result, Rng, Scratch, BLOCK, IMAGE_BYTES,
+};
 use outboard_transport::vhost_user::{DeviceShape, SharedMemoryRegion, VhostUserDevice};
 use outboard_transport::{QueueConfig, VirtioDevice};
 
-type Result<T> = std::result::Result<T, String>;
-
-/// Size of the benchmark image.
-const IMAGE_BYTES: u64 = 256 << 20;
-/// Request size.
-const BLOCK: u64 = 4096;
 /// The fake guest's RAM.
 const MEM_BYTES: usize = 64 << 20;
 /// Queue depths measured.
@@ -56,8 +52,6 @@ const DEPTHS: [usize; 2] = [1, 32];
 const WARMUP: Duration = Duration::from_millis(500);
 /// How long to wait for one completion before declaring the backend stuck.
 const COMPLETION_TIMEOUT_MS: i32 = 10_000;
-/// How long a backend may take to start listening.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 // Guest-physical layout of the fake guest RAM (virtio 1.x split ring: the
 // descriptor table 16-aligned, the avail ring 2-aligned, the used ring
@@ -131,32 +125,6 @@ impl Op {
             Op::Write => "randwrite",
         }
     }
-}
-
-/// xorshift64*: cheap, deterministic, good enough to pick blocks.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn block(&mut self) -> u64 {
-        self.next() % (IMAGE_BYTES / BLOCK)
-    }
-}
-
-/// The image's content: the 8 bytes at byte `offset` are `stamp(offset)`
-/// (splitmix64's finalizer). Reads check the first word of each block;
-/// writes store the stamp there, so the image stays checkable.
-fn stamp(offset: u64) -> u64 {
-    let mut z = offset.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The fake guest's RAM: a memfd mapped shared, so the backend sees our
@@ -256,138 +224,6 @@ impl Drop for GuestMem {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped; nothing uses it after.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-/// A backend process, killed (by pid) when dropped if still running.
-struct Process {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
-        let log_file =
-            File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(
-                log_file
-                    .try_clone()
-                    .map_err(|e| format!("cannot dup {}: {e}", log.display()))?,
-            )
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        Ok(Process {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
-        if tail.is_empty() {
-            format!("(its log {} is empty)", self.log.display())
-        } else {
-            format!("its log ({}):\n  {tail}", self.log.display())
-        }
-    }
-
-    /// Connects to `socket` once the process listens there.
-    fn connect(&mut self, socket: &Path) -> Result<UnixStream> {
-        let deadline = Instant::now() + LISTEN_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "{} exited ({status}) before accepting a connection; {}",
-                    self.name,
-                    self.log_tail()
-                ));
-            }
-            match UnixStream::connect(socket) {
-                Ok(s) => return Ok(s),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "{} did not listen on {} within {LISTEN_TIMEOUT:?} ({e}); {}",
-                        self.name,
-                        socket.display(),
-                        self.log_tail()
-                    ))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        // outboard-blk exits by itself once the connection closes; give it
-        // a moment, then stop whatever is still running.
-        for _ in 0..25 {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The image file, removed when dropped.
-struct Image(PathBuf);
-
-impl Image {
-    fn create() -> Result<Self> {
-        let path = PathBuf::from(format!(
-            "/var/tmp/outboard-blk-bench-{}.img",
-            std::process::id()
-        ));
-        let image = Image(path);
-        let mut f = File::create(&image.0)
-            .map_err(|e| format!("cannot create {}: {e}", image.0.display()))?;
-        let mut chunk = vec![0u8; 1 << 20];
-        for c in 0..IMAGE_BYTES / chunk.len() as u64 {
-            let base = c * chunk.len() as u64;
-            for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
-                w.copy_from_slice(&stamp(base + 8 * i as u64).to_le_bytes());
-            }
-            f.write_all(&chunk)
-                .map_err(|e| format!("cannot write {}: {e}", image.0.display()))?;
-        }
-        f.sync_all()
-            .map_err(|e| format!("cannot sync {}: {e}", image.0.display()))?;
-        Ok(image)
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A scratch directory for sockets and logs, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn create() -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("blk_bench-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(Scratch(path))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -664,51 +500,6 @@ impl Backend {
     }
 }
 
-/// One measured case.
-struct Figures {
-    iops: f64,
-    mean_us: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-impl Figures {
-    fn from_run(mut lat: Vec<u64>, elapsed: Duration) -> Self {
-        lat.sort_unstable();
-        let n = lat.len();
-        let pct = |p: usize| lat.get((n * p / 100).min(n.saturating_sub(1))).copied();
-        let us = |ns: Option<u64>| ns.map_or(0.0, |v| v as f64 / 1e3);
-        Figures {
-            iops: n as f64 / elapsed.as_secs_f64().max(1e-9),
-            mean_us: if n == 0 {
-                0.0
-            } else {
-                lat.iter().sum::<u64>() as f64 / n as f64 / 1e3
-            },
-            p50_us: us(pct(50)),
-            p99_us: us(pct(99)),
-        }
-    }
-}
-
-fn outboard_blk_bin() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("OUTBOARD_BLK_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];
-    dirs.iter()
-        .flatten()
-        .map(|d| d.join("outboard-blk"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            format!(
-                "outboard-blk not found next to {}: build it with `cargo build --release -p outboard-blk` (or set OUTBOARD_BLK_BIN)",
-                exe.display()
-            )
-        })
-}
-
 fn qsd_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("QSD_BIN") {
         return Ok(PathBuf::from(p));
@@ -792,8 +583,8 @@ fn run(args: &Args) -> Result<()> {
     let outboard = want_outboard.then(outboard_blk_bin).transpose()?;
     let qsd = want_qsd.then(qsd_bin).transpose()?;
 
-    let scratch = Scratch::create()?;
-    let image = Image::create()?;
+    let scratch = Scratch::create("blk_bench")?;
+    let image = Image::create("blk-bench")?;
     let mode = if args.direct {
         "O_DIRECT"
     } else {
