@@ -550,3 +550,293 @@ impl Drop for StorageDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// Two network namespaces joined by a veth pair: two "hosts" for
+/// migration tests (`10.<n>.0.1` in `a`, `10.<n>.0.2` in `b`). Removed on
+/// drop.
+pub struct HostPair {
+    /// Namespace of host A.
+    pub a: String,
+    /// Namespace of host B.
+    pub b: String,
+    /// Host A's address.
+    pub a_ip: String,
+    /// Host B's address.
+    pub b_ip: String,
+}
+
+impl HostPair {
+    /// Creates the pair; fails with a clear message if `ip` or network
+    /// namespaces are not available (the tests need root).
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let a = format!("outboard-a-{pid}-{n}");
+        let b = format!("outboard-b-{pid}-{n}");
+        // Interface names: at most 15 bytes.
+        let (va, vb) = (
+            format!("oa{}_{n}", pid % 100_000),
+            format!("ob{}_{n}", pid % 100_000),
+        );
+        let octet = 20 + (pid.wrapping_mul(7).wrapping_add(n)) % 200;
+        let pair = HostPair {
+            a_ip: format!("10.{octet}.0.1"),
+            b_ip: format!("10.{octet}.0.2"),
+            a,
+            b,
+        };
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2; .ci/run installs it): {e}"));
+            assert!(
+                st.success(),
+                "`ip {}` failed ({st}): migration tests need root and network namespaces",
+                args.join(" ")
+            );
+        };
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &pair.a]);
+        ip(&["link", "set", &vb, "netns", &pair.b]);
+        ip(&[
+            "-n",
+            &pair.a,
+            "addr",
+            "add",
+            &format!("{}/24", pair.a_ip),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            &format!("{}/24", pair.b_ip),
+            "dev",
+            &vb,
+        ]);
+        for (ns, dev) in [(&pair.a, &va), (&pair.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// Cuts the link (the veth pair goes down on A's side).
+    pub fn cut(&self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.a, "link", "set", "down", "dev"])
+            .arg(self.a_dev())
+            .status();
+    }
+
+    fn a_dev(&self) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.a, "-o", "link", "show", "type", "veth"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.split(':')
+            .nth(1)
+            .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for HostPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HostPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A VMM process started in the background (optionally in a network
+/// namespace), its serial output and stderr collected; killed on drop.
+pub struct Vmm {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Vmm {
+    /// Starts `outboard --config <json> <extra>` in namespace `netns`.
+    pub fn start(netns: Option<&str>, json: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new("vmm");
+        let cfg = dir.0.join("vm.json");
+        std::fs::write(&cfg, json).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(outboard_bin());
+                c
+            }
+            None => Command::new(outboard_bin()),
+        };
+        cmd.arg("--config")
+            .arg(&cfg)
+            .args(extra)
+            .env("OUTBOARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start outboard: {e}"));
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for (pipe, sink) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                out.clone(),
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                err.clone(),
+            ),
+        ] {
+            if let Some(mut p) = pipe {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = p.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if let Ok(mut s) = sink.lock() {
+                            s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                        }
+                    }
+                });
+            }
+        }
+        Vmm {
+            child,
+            out,
+            err,
+            _dir: dir,
+        }
+    }
+
+    /// The serial output so far.
+    pub fn serial(&self) -> String {
+        self.out.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The VMM's stderr so far.
+    pub fn stderr(&self) -> String {
+        self.err.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the serial output or stderr contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.serial().contains(needle) || self.stderr().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits for the process to end; `None` on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the readers drain.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The pid (of `ip netns exec`, which execs the VMM).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A dump for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "--- serial ---\n{}\n--- stderr ---\n{}",
+            self.serial(),
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `outboard api --socket SOCKET <args>` (in `netns` if given);
+/// returns (exit code, stdout + stderr).
+pub fn api(netns: Option<&str>, socket: &Path, args: &[&str]) -> (i32, String) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(outboard_bin());
+            c
+        }
+        None => Command::new(outboard_bin()),
+    };
+    let out = cmd
+        .arg("api")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run outboard api: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The `seq=` numbers of the test guest's `counter` lines, in order.
+pub fn counter_seqs(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter(|l| l.contains("outboard-tg: counter seq="))
+        .filter_map(|l| {
+            l.split("seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}

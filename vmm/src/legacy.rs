@@ -34,6 +34,8 @@ pub enum StopReason {
     Failure(String),
     /// The VMM received this signal (SIGINT, SIGTERM) and stopped the guest.
     Signal(i32),
+    /// The guest was migrated and runs on the destination now.
+    MigratedAway,
 }
 
 /// Sends a [`StopReason`] when triggered (the i8042 reset line).

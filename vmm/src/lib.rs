@@ -16,5 +16,6 @@ pub mod irq;
 pub mod legacy;
 pub mod logger;
 pub mod memory;
+pub mod migrate;
 pub mod mmio;
 pub mod vm;

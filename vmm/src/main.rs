@@ -22,6 +22,10 @@ struct Cli {
     /// The VM config (JSON); see the README for the format.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Receive the guest instead of booting it: a live migration on
+    /// `tcp:HOST:PORT` or `unix:PATH`, or a snapshot from `file:PATH`.
+    #[arg(long, value_name = "ADDRESS")]
+    incoming: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -37,9 +41,30 @@ fn main() -> ExitCode {
     if host::kvm_kind() == KvmKind::Pvm {
         eprintln!("outboard: note: {}", host::PVM_NOTICE);
     }
-    let reason = Vm::new(&config).and_then(Vm::run);
+    let incoming = match cli
+        .incoming
+        .as_deref()
+        .map(str::parse::<outboard_migration::Address>)
+    {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => {
+            eprintln!("outboard: --incoming: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reason = Vm::new(&config).and_then(|mut vm| {
+        if let Some(address) = &incoming {
+            vm.incoming(address)?;
+        }
+        vm.run()
+    });
     match reason {
         Ok(StopReason::PowerOff(0)) | Ok(StopReason::Reset) => ExitCode::SUCCESS,
+        Ok(StopReason::MigratedAway) => {
+            eprintln!("outboard: the guest runs on the destination now");
+            ExitCode::SUCCESS
+        }
         Ok(StopReason::PowerOff(status)) => {
             eprintln!("outboard: guest powered off with status {status}");
             ExitCode::from(status)

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,7 +25,9 @@ use crate::devices::{DeviceError, Devices, PciSetup, PciWindow};
 use crate::irq::IrqRouting;
 use crate::legacy::{IrqTrigger, PortBus, SerialConsole, StopReason, SERIAL_IRQ};
 use crate::memory::{pci_mmio64_start, GuestRam, MemoryError};
+use crate::migrate;
 use crate::mmio::MmioBus;
+use outboard_migration::Address;
 
 /// Where KVM keeps the TSS it needs for real-mode emulation (3 pages,
 /// inside the MMIO hole, below the IOAPIC).
@@ -62,6 +64,9 @@ pub enum VmError {
     /// A device could not be set up.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A migration or restore failed.
+    #[error("migration: {0}")]
+    Migration(String),
     /// Loading the kernel failed.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -123,8 +128,64 @@ pub struct Vm {
     stop_rx: Receiver<StopReason>,
     stop_tx: std::sync::mpsc::Sender<StopReason>,
     console_input: bool,
+    config: VmConfig,
+    msrs: Arc<Vec<u32>>,
+    control: Arc<vcpu::VcpuControl>,
+    commands: Option<Receiver<(Command, Sender<CommandResult>)>>,
     ram: Arc<GuestRam>,
 }
+
+/// What the control API asks of the running VM (served by the main thread
+/// between guest events).
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Park every vCPU.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Stop the VM (as on SIGTERM, exit status 0).
+    Shutdown,
+    /// Write a snapshot to this address (`file:PATH`); the guest runs on.
+    Snapshot(Address),
+    /// Migrate to this address; on success this VMM exits.
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        destination: Address,
+        /// Downtime target.
+        downtime: Duration,
+        /// Give up after this long.
+        timeout: Duration,
+    },
+}
+
+/// The answer to a [`Command`].
+pub type CommandResult = Result<Option<migrate::Report>, String>;
+
+/// Sends [`Command`]s to a running VM; cheap to clone.
+#[derive(Clone)]
+pub struct VmHandle {
+    tx: Sender<(Command, Sender<CommandResult>)>,
+    /// Set to cancel a migration in progress.
+    pub cancel: Arc<AtomicBool>,
+    /// Whether the vCPUs are parked.
+    pub paused: Arc<AtomicBool>,
+    /// Whether a migration is in progress.
+    pub migrating: Arc<AtomicBool>,
+}
+
+impl VmHandle {
+    /// Sends `cmd` and waits for its answer.
+    pub fn call(&self, cmd: Command) -> CommandResult {
+        let (tx, rx) = channel();
+        self.tx
+            .send((cmd, tx))
+            .map_err(|_| "the VM is not running".to_string())?;
+        rx.recv().map_err(|_| "the VM stopped".to_string())?
+    }
+}
+
+static HANDLE_FLAGS: std::sync::OnceLock<(Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>)> =
+    std::sync::OnceLock::new();
 
 impl Vm {
     /// Builds the VM described by `config`. Nothing runs yet.
@@ -214,6 +275,12 @@ impl Vm {
         }
         let ports = Arc::new(ports);
 
+        let msrs = Arc::new(
+            crate::cpu::state::msr_list(&kvm).map_err(|e| VmError::Host {
+                what: "cannot list the MSRs to migrate",
+                source: io::Error::other(e.to_string()),
+            })?,
+        );
         let supported = kvm
             // Headroom for the topology subleaves for_vcpu adds.
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES - 8)
@@ -260,8 +327,106 @@ impl Vm {
             stop_rx,
             stop_tx,
             console_input,
+            control: vcpu::VcpuControl::new(usize::from(config.machine.vcpus)),
+            config: config.clone(),
+            msrs,
+            commands: None,
             _vm: vm,
         })
+    }
+
+    /// A handle to send commands to this VM once it runs.
+    pub fn handle(&mut self) -> VmHandle {
+        let (tx, rx) = channel();
+        self.commands = Some(rx);
+        let (cancel, paused, migrating) = HANDLE_FLAGS
+            .get_or_init(|| {
+                (
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                )
+            })
+            .clone();
+        VmHandle {
+            tx,
+            cancel,
+            paused,
+            migrating,
+        }
+    }
+
+    /// Becomes the destination of a migration (or restores a snapshot):
+    /// waits on `address`, loads the guest, and confirms. Call before
+    /// [`Vm::run`]; the guest then continues where it was.
+    pub fn incoming(&mut self, address: &Address) -> Result<migrate::Report, VmError> {
+        let start = std::time::Instant::now();
+        let mig = |e: migrate::MigrateError| VmError::Migration(e.to_string());
+        eprintln!("outboard: waiting for the incoming guest on {address}");
+        let channel = outboard_migration::listen_accept(address).map_err(|e| mig(e.into()))?;
+        let (input, reply) = channel.into_parts();
+        let mut reply = reply;
+        let incoming = migrate::receive(
+            input,
+            reply.as_mut().map(|r| r.as_mut() as &mut dyn Write),
+            &self.ram,
+            &self.config,
+        )
+        .map_err(mig)?;
+        let load = || -> Result<(), String> {
+            incoming.vm.restore(&self._vm).map_err(|e| e.to_string())?;
+            for (fd, state) in self.vcpus.iter().zip(&incoming.vcpus) {
+                state.restore(fd).map_err(|e| e.to_string())?;
+            }
+            for (name, state) in &incoming.vmm_devices {
+                match name.as_str() {
+                    "serial" => self.restore_serial(state)?,
+                    other => return Err(format!("unknown VMM device {other:?} in the stream")),
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = load() {
+            if let Some(out) = reply.as_mut() {
+                if let Ok(mut w) = outboard_migration::StreamWriter::new(out) {
+                    let _ = w.write(&outboard_migration::Section::Abort(e.clone()));
+                }
+            }
+            return Err(VmError::Migration(e));
+        }
+        if let Some(out) = reply.as_mut() {
+            migrate::confirm(out.as_mut()).map_err(mig)?;
+        }
+        let report = migrate::Report {
+            total_ms: start.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        eprintln!(
+            "outboard: guest received from {address} in {} ms; running",
+            report.total_ms
+        );
+        Ok(report)
+    }
+
+    fn restore_serial(&self, state: &[u8]) -> Result<(), String> {
+        let snap: migrate::SerialSnapshot =
+            serde_json::from_slice(state).map_err(|e| format!("serial state: {e}"))?;
+        let mut guard = self.serial.lock().map_err(|_| "serial lock poisoned")?;
+        let evt = guard
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial: {e}"))?;
+        let writer = std::mem::replace(guard.writer_mut(), Box::new(io::sink()));
+        let restored = Serial::from_state(
+            &(&snap).into(),
+            IrqTrigger(evt),
+            vm_superio::serial::NoEvents,
+            writer,
+        )
+        .map_err(|e| format!("serial state: {e:?}"))?;
+        *guard = restored;
+        Ok(())
     }
 
     /// Runs the guest until it powers off, resets or fails, then stops
@@ -288,6 +453,8 @@ impl Vm {
                 stop_tx: self.stop_tx.clone(),
                 stop: stop.clone(),
                 trace_first_run: index == 0 && std::env::var_os("OUTBOARD_BOOT_TRACE").is_some(),
+                control: self.control.clone(),
+                msrs: self.msrs.clone(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -313,6 +480,14 @@ impl Vm {
         drop(self.stop_tx);
         drop(self.ports);
 
+        let running = Running {
+            vm: &self._vm,
+            ram: &self.ram,
+            config: &self.config,
+            control: &self.control,
+            threads: &threads,
+            serial: &self.serial,
+        };
         let reason = loop {
             match self.stop_rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(r) => break r,
@@ -326,13 +501,191 @@ impl Vm {
                     }
                 }
             }
+            if let Some(rx) = &self.commands {
+                if let Ok((cmd, reply)) = rx.try_recv() {
+                    let (result, end) = running.serve(cmd);
+                    let _ = reply.send(result);
+                    if let Some(r) = end {
+                        break r;
+                    }
+                }
+            }
         };
+        self.control.resume();
         stop_threads(&stop, threads);
         devices.shutdown();
         if let Ok(mut s) = self.serial.lock() {
             let _ = s.writer_mut().flush();
         }
         Ok(reason)
+    }
+}
+
+/// The running VM as the command loop sees it.
+struct Running<'a> {
+    vm: &'a VmFd,
+    ram: &'a GuestRam,
+    config: &'a VmConfig,
+    control: &'a vcpu::VcpuControl,
+    threads: &'a [JoinHandle<()>],
+    serial: &'a Mutex<SerialConsole>,
+}
+
+impl Running<'_> {
+    fn flags(&self) -> (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>) {
+        HANDLE_FLAGS
+            .get_or_init(|| {
+                (
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                )
+            })
+            .clone()
+    }
+
+    /// Serves one command; `Some` when the VM must stop.
+    fn serve(&self, cmd: Command) -> (CommandResult, Option<StopReason>) {
+        let (cancel, paused, migrating) = self.flags();
+        match cmd {
+            Command::Pause => {
+                if paused.load(Ordering::Acquire) {
+                    return (Err("the VM is already paused".into()), None);
+                }
+                let r = migrate::SourceVm::pause(self).map_err(|e| e.to_string());
+                if r.is_ok() {
+                    paused.store(true, Ordering::Release);
+                }
+                (r.map(|()| None), None)
+            }
+            Command::Resume => {
+                if !paused.load(Ordering::Acquire) {
+                    return (Err("the VM is not paused".into()), None);
+                }
+                migrate::SourceVm::resume(self);
+                paused.store(false, Ordering::Release);
+                (Ok(None), None)
+            }
+            Command::Shutdown => (Ok(None), Some(StopReason::Reset)),
+            Command::Snapshot(address) => {
+                let was_paused = paused.load(Ordering::Acquire);
+                let result = (|| {
+                    let ch = outboard_migration::connect(&address).map_err(|e| e.to_string())?;
+                    let (out, _) = ch.into_parts();
+                    let params = migrate::SendParams {
+                        downtime: Duration::ZERO,
+                        timeout: Duration::from_secs(3600),
+                        live: false,
+                    };
+                    let no_reply: Option<Box<dyn Read + Send>> = None;
+                    migrate::send(
+                        out,
+                        no_reply,
+                        self.vm,
+                        self.ram,
+                        self.config,
+                        self,
+                        params,
+                        &cancel,
+                    )
+                    .map_err(|e| e.to_string())
+                })();
+                // A snapshot leaves the guest as it was.
+                if !was_paused && result.is_ok() {
+                    migrate::SourceVm::resume(self);
+                }
+                (result.map(Some), None)
+            }
+            Command::Migrate {
+                destination,
+                downtime,
+                timeout,
+            } => {
+                cancel.store(false, Ordering::Release);
+                migrating.store(true, Ordering::Release);
+                let result = (|| {
+                    let ch =
+                        outboard_migration::connect(&destination).map_err(|e| e.to_string())?;
+                    let (out, reply) = ch.into_parts();
+                    if reply.is_none() {
+                        return Err(format!(
+                            "{destination} cannot confirm; use snapshot for files"
+                        ));
+                    }
+                    let params = migrate::SendParams {
+                        downtime,
+                        timeout,
+                        live: true,
+                    };
+                    migrate::send(
+                        out,
+                        reply,
+                        self.vm,
+                        self.ram,
+                        self.config,
+                        self,
+                        params,
+                        &cancel,
+                    )
+                    .map_err(|e| e.to_string())
+                })();
+                migrating.store(false, Ordering::Release);
+                match result {
+                    Ok(report) => {
+                        eprintln!(
+                            "outboard: migrated to {destination}: {} ms in all, {} ms down, {} bytes, {} rounds",
+                            report.total_ms, report.downtime_ms, report.bytes_sent, report.rounds
+                        );
+                        (Ok(Some(report)), Some(StopReason::MigratedAway))
+                    }
+                    Err(e) => {
+                        eprintln!("outboard: migration to {destination} failed, the guest runs on here: {e}");
+                        (Err(e), None)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl migrate::SourceVm for Running<'_> {
+    fn pause(&self) -> Result<(), migrate::MigrateError> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.control.request_pause();
+        for t in self.threads {
+            // SAFETY: the pthread handles are valid while the threads are
+            // joinable (they are joined only after the command loop).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        if self.control.wait_parked(Duration::from_secs(5)) {
+            Ok(())
+        } else {
+            self.control.resume();
+            Err(migrate::MigrateError::State(
+                "the vCPUs did not stop within 5 s".into(),
+            ))
+        }
+    }
+
+    fn resume(&self) {
+        self.control.resume();
+    }
+
+    fn vcpu_states(&self) -> Result<Vec<crate::cpu::state::VcpuState>, migrate::MigrateError> {
+        self.control
+            .save_all(Duration::from_secs(5))
+            .map_err(migrate::MigrateError::State)
+    }
+
+    fn vmm_devices(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Ok(s) = self.serial.lock() {
+            let snap = migrate::SerialSnapshot::from(s.state());
+            if let Ok(bytes) = serde_json::to_vec(&snap) {
+                out.push(("serial".to_string(), bytes));
+            }
+        }
+        out
     }
 }
 

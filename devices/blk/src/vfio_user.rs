@@ -215,7 +215,10 @@ impl Device for BlkVfioDevice {
     }
 
     fn restore_state(&mut self, state: &[u8]) -> io::Result<()> {
-        self.function.load_state(state).map_err(other)
+        self.function.load_state(state).map_err(|e| {
+            log::warn!("refused a migration blob: {e}");
+            errno(libc::EINVAL)
+        })
     }
 
     fn dma_logging(&mut self, page_size: Option<u64>) -> io::Result<()> {

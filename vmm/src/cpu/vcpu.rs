@@ -10,11 +10,13 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::boot;
+use crate::cpu::state::VcpuState;
 use crate::legacy::{PortBus, StopReason};
 use crate::memory::GuestRam;
 use crate::mmio::MmioBus;
@@ -51,6 +53,141 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Pausing the vCPUs and, while they are paused, asking each for its
+/// state (the thread that owns a vCPU saves it). The VMM requests a pause,
+/// kicks every vCPU thread out of `KVM_RUN`, and waits until all are
+/// parked.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    cv: Condvar,
+}
+
+struct ControlState {
+    pause: bool,
+    parked: Vec<bool>,
+    save_requested: Vec<bool>,
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+impl VcpuControl {
+    /// Control for `vcpus` vCPUs, running.
+    pub fn new(vcpus: usize) -> Arc<Self> {
+        Arc::new(VcpuControl {
+            state: Mutex::new(ControlState {
+                pause: false,
+                parked: vec![false; vcpus],
+                save_requested: vec![false; vcpus],
+                saved: (0..vcpus).map(|_| None).collect(),
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks every vCPU to park at its next exit (kick them to make it
+    /// soon).
+    pub fn request_pause(&self) {
+        self.lock().pause = true;
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.lock().pause
+    }
+
+    /// Waits until every vCPU is parked; false after `timeout`.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        while !s.parked.iter().all(|p| *p) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Asks every parked vCPU for its state and waits for all of them.
+    pub fn save_all(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        if !s.pause || !s.parked.iter().all(|p| *p) {
+            return Err("the vCPUs are not paused".into());
+        }
+        s.save_requested.fill(true);
+        s.saved.iter_mut().for_each(|r| *r = None);
+        self.cv.notify_all();
+        while s.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("a vCPU did not save its state in time".into());
+            }
+            s = self
+                .cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        s.saved
+            .iter_mut()
+            .map(|r| r.take().unwrap_or_else(|| Err("no state".into())))
+            .collect()
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause = false;
+        self.cv.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they notice a stop.
+    pub fn wake(&self) {
+        let _s = self.lock();
+        self.cv.notify_all();
+    }
+
+    /// Called by vCPU thread `index`: parks until resumed or stopped,
+    /// saving its state when asked.
+    fn park(&self, index: usize, vcpu: &VcpuFd, msrs: &[u32], stop: &AtomicBool) {
+        let mut s = self.lock();
+        if let Some(p) = s.parked.get_mut(index) {
+            *p = true;
+        }
+        self.cv.notify_all();
+        while s.pause && !stop.load(Ordering::Acquire) {
+            if s.save_requested.get(index).copied().unwrap_or(false) {
+                if let Some(r) = s.save_requested.get_mut(index) {
+                    *r = false;
+                }
+                let saved = VcpuState::save(vcpu, msrs).map_err(|e| format!("vCPU {index}: {e}"));
+                if let Some(slot) = s.saved.get_mut(index) {
+                    *slot = Some(saved);
+                }
+                self.cv.notify_all();
+                continue;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if let Some(p) = s.parked.get_mut(index) {
+            *p = false;
+        }
+    }
+}
+
 /// What a vCPU thread needs besides its fd.
 pub struct VcpuContext {
     /// Index (and APIC id) of the vCPU.
@@ -68,6 +205,10 @@ pub struct VcpuContext {
     /// Print the CLOCK_MONOTONIC time of the first `KVM_RUN` on stderr
     /// (`OUTBOARD_BOOT_TRACE`), for the boot-time benchmark.
     pub trace_first_run: bool,
+    /// Pause and state requests.
+    pub control: Arc<VcpuControl>,
+    /// The MSRs to save.
+    pub msrs: Arc<Vec<u32>>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock `std::time::Instant` uses).
@@ -117,6 +258,11 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;
+        }
+        if ctx.control.pause_requested() {
+            ctx.control
+                .park(usize::from(ctx.index), &vcpu, &ctx.msrs, &ctx.stop);
+            continue;
         }
         let outcome = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx),
