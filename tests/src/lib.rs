@@ -772,6 +772,16 @@ impl Vmm {
         None
     }
 
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        for c in child_pids(self.child.id()) {
+            // SAFETY: kill only sends a signal to our grandchild.
+            unsafe { libc::kill(c as i32, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

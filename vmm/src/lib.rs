@@ -5,8 +5,9 @@
 //! [`boot`] path (Linux boot protocol and PVH), [`cpu`] set-up and vCPU
 //! threads, the [`legacy`] port devices, the [`mmio`] bus, the
 //! [`devices`] served by device processes, and the [`vm`] that ties them
-//! together.
+//! together, and the control [`api`] it serves.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;

@@ -415,6 +415,9 @@ fn send_inner<W: Write, R: Read>(
         }
     }
     // Stop and copy.
+    if params.live {
+        eprintln!("outboard: migration: stop-and-copy (the guest is paused)");
+    }
     let downtime_start = Instant::now();
     source.pause()?;
     *paused = true;

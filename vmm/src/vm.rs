@@ -158,6 +158,12 @@ pub enum Command {
     },
 }
 
+/// Longest a migration source waits on its channel (a write, or the
+/// confirmation) before it gives up and resumes the guest.
+const MIGRATION_IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a destination waits for the next bytes of the stream.
+const INCOMING_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The answer to a [`Command`].
 pub type CommandResult = Result<Option<migrate::Report>, String>;
 
@@ -364,6 +370,9 @@ impl Vm {
         let mig = |e: migrate::MigrateError| VmError::Migration(e.to_string());
         eprintln!("outboard: waiting for the incoming guest on {address}");
         let channel = outboard_migration::listen_accept(address).map_err(|e| mig(e.into()))?;
+        channel
+            .set_timeout(Some(INCOMING_IO_TIMEOUT))
+            .map_err(|e| mig(e.into()))?;
         let (input, reply) = channel.into_parts();
         let mut reply = reply;
         let incoming = migrate::receive(
@@ -606,6 +615,10 @@ impl Running<'_> {
                 let result = (|| {
                     let ch =
                         outboard_migration::connect(&destination).map_err(|e| e.to_string())?;
+                    // A peer that stops reading or answering (link cut,
+                    // destination stopped) fails the migration, not hangs it.
+                    ch.set_timeout(Some(MIGRATION_IO_TIMEOUT.min(timeout)))
+                        .map_err(|e| e.to_string())?;
                     let (out, reply) = ch.into_parts();
                     if reply.is_none() {
                         return Err(format!(
@@ -830,4 +843,112 @@ fn missing_capability(kvm: &Kvm) -> Option<&'static str> {
     .into_iter()
     .find(|(c, _)| !kvm.check_extension(*c))
     .map(|(_, name)| name)
+}
+
+/// The control API's view of a running VM: each call becomes a
+/// [`Command`] served by the VM's main loop; info and cancel answer at
+/// once, even during a migration.
+pub struct ApiControl {
+    handle: VmHandle,
+    config: VmConfig,
+    started: std::time::Instant,
+}
+
+impl ApiControl {
+    /// Control of the VM behind `handle`, built from `config`.
+    pub fn new(handle: VmHandle, config: &VmConfig) -> Self {
+        ApiControl {
+            handle,
+            config: config.clone(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn call(&self, cmd: Command) -> Result<Option<migrate::Report>, crate::api::ApiError> {
+        self.handle.call(cmd).map_err(|e| {
+            if e.contains("already paused") || e.contains("not paused") {
+                crate::api::ApiError::conflict(e)
+            } else {
+                crate::api::ApiError::internal(e)
+            }
+        })
+    }
+}
+
+impl crate::api::VmControl for ApiControl {
+    fn info(&self) -> crate::api::VmInfo {
+        use crate::api::VmState as S;
+        let state = if self.handle.migrating.load(Ordering::Acquire) {
+            S::Migrating
+        } else if self.handle.paused.load(Ordering::Acquire) {
+            S::Paused
+        } else {
+            S::Running
+        };
+        crate::api::VmInfo {
+            state,
+            vcpus: self.config.machine.vcpus,
+            memory_mib: self.config.machine.memory_mib,
+            devices: crate::api::DeviceInfo::from_config(&self.config),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn pause(&self) -> Result<(), crate::api::ApiError> {
+        self.call(Command::Pause).map(|_| ())
+    }
+
+    fn resume(&self) -> Result<(), crate::api::ApiError> {
+        self.call(Command::Resume).map(|_| ())
+    }
+
+    fn shutdown(&self) -> Result<(), crate::api::ApiError> {
+        self.call(Command::Shutdown).map(|_| ())
+    }
+
+    fn snapshot(
+        &self,
+        req: crate::api::SnapshotRequest,
+    ) -> Result<crate::api::SnapshotReport, crate::api::ApiError> {
+        let r = self
+            .call(Command::Snapshot(req.destination))?
+            .unwrap_or_default();
+        Ok(crate::api::SnapshotReport {
+            total_ms: r.total_ms,
+            downtime_ms: r.downtime_ms,
+            bytes_written: r.bytes_sent,
+        })
+    }
+
+    fn migrate(
+        &self,
+        req: crate::api::MigrateRequest,
+    ) -> Result<crate::api::MigrationReport, crate::api::ApiError> {
+        if self.handle.migrating.load(Ordering::Acquire) {
+            return Err(crate::api::ApiError::conflict(
+                "a migration is already running",
+            ));
+        }
+        let r = self
+            .call(Command::Migrate {
+                destination: req.destination,
+                downtime: Duration::from_millis(req.downtime_ms),
+                timeout: Duration::from_secs(req.timeout_s),
+            })?
+            .unwrap_or_default();
+        Ok(crate::api::MigrationReport {
+            total_ms: r.total_ms,
+            downtime_ms: r.downtime_ms,
+            bytes_sent: r.bytes_sent,
+            rounds: r.rounds,
+        })
+    }
+
+    fn cancel_migration(&self) -> Result<(), crate::api::ApiError> {
+        if !self.handle.migrating.load(Ordering::Acquire) {
+            return Err(crate::api::ApiError::conflict("no migration is running"));
+        }
+        self.handle.cancel.store(true, Ordering::Release);
+        Ok(())
+    }
 }
