@@ -64,7 +64,7 @@ fn a_to_b_and_back(vcpus: u8, memory_mib: u64) {
     let sock_a = dir.0.join("a.sock");
     let sock_b = dir.0.join("b.sock");
     let sock_a2 = dir.0.join("a2.sock");
-    let cfg = config(vcpus, memory_mib, &counter_cmdline(vcpus, 30));
+    let cfg = config(vcpus, memory_mib, &counter_cmdline(vcpus, 60));
     let a = Vmm::start(
         Some(&hosts.a),
         &cfg,
@@ -140,13 +140,13 @@ fn a_to_b_and_back(vcpus: u8, memory_mib: u64) {
         "B after migrating\n{}",
         b.describe()
     );
-    // The guest finishes on A: 30 lines in all, then PASS.
+    // The guest finishes on A: 60 lines in all, then PASS.
     assert_eq!(a2.wait_exit(wait() * 2), Some(0), "{}", a2.describe());
     assert!(a2.serial().contains("result PASS"), "{}", a2.describe());
     assert!(a_lines >= 5);
     assert_continuous(&[a.serial(), b.serial(), a2.serial()]);
     let seqs = counter_seqs(&[a.serial(), b.serial(), a2.serial()].concat());
-    assert_eq!(seqs.len(), 30);
+    assert_eq!(seqs.len(), 60);
 }
 
 #[test]

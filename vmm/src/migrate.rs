@@ -86,6 +86,9 @@ pub enum MigrateError {
     /// Took longer than allowed.
     #[error("migration timed out after {0:?}")]
     Timeout(Duration),
+    /// The guest powered off, reset or failed during the migration.
+    #[error("the guest stopped during the migration")]
+    GuestEnded,
 }
 
 /// The VMM's own devices' state carried in the stream.
@@ -272,6 +275,8 @@ pub trait SourceVm {
     fn vcpu_states(&self) -> Result<Vec<VcpuState>, MigrateError>;
     /// The VMM's own devices' state (vCPUs parked).
     fn vmm_devices(&self) -> Vec<(String, Vec<u8>)>;
+    /// Whether the guest ended (powered off, reset, failed) meanwhile.
+    fn guest_ended(&self) -> bool;
 }
 
 /// Parameters of an outgoing migration.
@@ -378,6 +383,9 @@ fn send_inner<W: Write, R: Read>(
             if cancel.load(Ordering::Acquire) {
                 return Err(MigrateError::Cancelled);
             }
+            if source.guest_ended() {
+                return Err(MigrateError::GuestEnded);
+            }
             if start.elapsed() > params.timeout {
                 return Err(MigrateError::Timeout(params.timeout));
             }
@@ -421,6 +429,9 @@ fn send_inner<W: Write, R: Read>(
     let downtime_start = Instant::now();
     source.pause()?;
     *paused = true;
+    if source.guest_ended() {
+        return Err(MigrateError::GuestEnded);
+    }
     let mut counts = outboard_migration::ram::PageCounts::default();
     if params.live {
         let last = dirty_pages(vm, ram)?;

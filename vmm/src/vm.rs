@@ -490,6 +490,8 @@ impl Vm {
         drop(self.ports);
 
         let running = Running {
+            stop_rx: &self.stop_rx,
+            ended: std::cell::RefCell::new(None),
             vm: &self._vm,
             ram: &self.ram,
             config: &self.config,
@@ -498,6 +500,9 @@ impl Vm {
             serial: &self.serial,
         };
         let reason = loop {
+            if let Some(r) = running.ended.borrow_mut().take() {
+                break r;
+            }
             match self.stop_rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(r) => break r,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -532,6 +537,8 @@ impl Vm {
 
 /// The running VM as the command loop sees it.
 struct Running<'a> {
+    stop_rx: &'a Receiver<StopReason>,
+    ended: std::cell::RefCell<Option<StopReason>>,
     vm: &'a VmFd,
     ram: &'a GuestRam,
     config: &'a VmConfig,
@@ -688,6 +695,16 @@ impl migrate::SourceVm for Running<'_> {
         self.control
             .save_all(Duration::from_secs(5))
             .map_err(migrate::MigrateError::State)
+    }
+
+    fn guest_ended(&self) -> bool {
+        let mut ended = self.ended.borrow_mut();
+        if ended.is_none() {
+            if let Ok(r) = self.stop_rx.try_recv() {
+                *ended = Some(r);
+            }
+        }
+        ended.is_some()
     }
 
     fn vmm_devices(&self) -> Vec<(String, Vec<u8>)> {

@@ -12,6 +12,7 @@
 
 mod blk;
 mod bootinfo;
+mod counter;
 mod cpu;
 mod entry;
 mod interrupts;

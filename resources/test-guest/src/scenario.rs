@@ -1,5 +1,6 @@
 //! Scenarios selected by `tg.scenario=NAME` (default `boot`): hello, boot,
-//! demo, exit, reset, triple-fault, bad-insn, exception, hang, blk, pci-fuzz.
+//! demo, exit, reset, triple-fault, bad-insn, exception, hang, blk, pci-fuzz,
+//! counter.
 
 use crate::bootinfo::BootInfo;
 use crate::{cpu, entry, interrupts, lapic, memtest, mptable, outln, paging, smp};
@@ -82,6 +83,7 @@ pub fn run(bi: &'static BootInfo) -> ! {
         b"demo" => checks(bi, cr3, true),
         b"blk" => crate::blk::run(bi),
         b"pci-fuzz" => crate::pci_fuzz::run(bi),
+        b"counter" => crate::counter::run(bi, cr3),
         b"reset" => {
             outln!("reset: pulsing the i8042 reset line (port 0x64, 0xfe)");
             cpu::i8042_reset();
@@ -128,7 +130,7 @@ pub fn run(bi: &'static BootInfo) -> ! {
 
 /// Spins until the first BSP timer tick; detects a timer that does not count
 /// or whose interrupt never arrives (watching the current-count register).
-fn check_timer(apic: u8) -> Result<(), &'static str> {
+pub(crate) fn check_timer(apic: u8) -> Result<(), &'static str> {
     let start = interrupts::ticks(apic);
     let mut last = lapic::timer_current();
     let (mut reloads, mut still) = (0u32, 0u32);

@@ -24,6 +24,10 @@ pub struct ApStacks(pub [[u8; AP_STACK_SIZE]; MAX_APS]);
 #[link_section = ".noinit.ap_stacks"]
 pub static mut AP_STACKS: ApStacks = ApStacks([[0; AP_STACK_SIZE]; MAX_APS]);
 
+/// Set by the `counter` scenario before `start_aps`: after their timer
+/// check, the APs run `counter::ap_main` instead of halting.
+pub static AP_COUNTER: AtomicBool = AtomicBool::new(false);
+
 /// Set by each AP (indexed by APIC ID) as soon as it runs Rust code.
 static STARTED: [AtomicBool; 256] = [const { AtomicBool::new(false) }; 256];
 /// APs that checked in.
@@ -130,6 +134,9 @@ pub extern "C" fn ap_main(index: u32) -> ! {
     }
     lapic::stop_timer();
     AP_TIMER_OK.fetch_add(1, Ordering::Release);
+    if AP_COUNTER.load(Ordering::Acquire) {
+        crate::counter::ap_main(cpu_num);
+    }
     loop {
         cpu::sti_hlt();
     }
