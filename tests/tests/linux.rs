@@ -325,3 +325,103 @@ fn bzimage_boots_to_init() {
     let d = out.describe();
     assert!(out.serial.contains("smp: Brought up 1 node, 1 CPU"), "{d}");
 }
+
+/// Kernel log timestamps (`[    1.234567]`) of `serial`, in order.
+fn log_times(serial: &str) -> Vec<f64> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let t = l.trim_start().strip_prefix('[')?.split(']').next()?;
+            t.trim().parse().ok()
+        })
+        .collect()
+}
+
+/// Linux migrates from host A to host B while it boots (mid-way through
+/// its initcalls) and finishes booting on B: B's kernel log carries on
+/// where A's stopped, timestamps never going back, up to `Run /init`.
+#[test]
+fn linux_migrates_while_booting_and_finishes_on_b() {
+    use outboard_tests::{api, HostPair, Vmm};
+    let linux = linux_guest();
+    let host = host_kvm();
+    let hosts = HostPair::new();
+    let dir = TempDir::new("linux-mig");
+    let sock = dir.0.join("a.sock");
+    let spec = VmSpec {
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: linux.vmlinux.clone(),
+        initrd: Some(linux.initramfs.clone()),
+        cmdline: linux.cmdline.clone(),
+        entry: "linux",
+        devices: Vec::new(),
+    };
+    let json = spec.to_json();
+    let deadline = host.deadline(Duration::from_secs(60), Duration::from_secs(600));
+    let mut a = Vmm::start(
+        Some(&hosts.a),
+        &json,
+        &["--api-socket", sock.to_str().unwrap_or("")],
+    );
+    // Mid-way through the initcalls (fs_initcall, networking).
+    let marker = "TCP established hash table entries";
+    assert!(
+        a.wait_for(marker, deadline),
+        "A never got to {marker:?}\n{}",
+        a.describe()
+    );
+    let to = format!("tcp:{}:7400", hosts.b_ip);
+    let mut b = Vmm::start(Some(&hosts.b), &json, &["--incoming", &to]);
+    assert!(
+        b.wait_for("waiting for the incoming guest", deadline),
+        "{}",
+        b.describe()
+    );
+    let (code, text) = api(
+        Some(&hosts.a),
+        &sock,
+        &["migrate", &to, "--timeout-s", "300"],
+    );
+    assert_eq!(
+        code,
+        0,
+        "migrate: {text}\n{}\n{}",
+        a.describe(),
+        b.describe()
+    );
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        a.describe()
+    );
+    let userspace = linux.userspace_runs(host);
+    let end = if userspace {
+        "outboard-linux: exit status=0"
+    } else {
+        RUN_INIT
+    };
+    assert!(
+        b.wait_for(end, deadline),
+        "B did not finish booting\n{}",
+        b.describe()
+    );
+    let (sa, sb) = (a.serial(), b.serial());
+    assert!(!sb.contains("Linux version"), "B booted afresh\n{sb}");
+    assert!(
+        !sa.contains(RUN_INIT),
+        "A finished booting before the move\n{sa}"
+    );
+    let ta = log_times(&sa);
+    let tb = log_times(&sb);
+    assert!(!ta.is_empty() && !tb.is_empty(), "{sa}\n---\n{sb}");
+    let all: Vec<f64> = ta.iter().chain(&tb).copied().collect();
+    assert!(
+        all.windows(2).all(|w| w[1] >= w[0]),
+        "kernel log time goes back across the move\nA: {:?}\nB: {:?}",
+        &ta[ta.len().saturating_sub(3)..],
+        &tb[..tb.len().min(3)]
+    );
+    b.kill();
+}
