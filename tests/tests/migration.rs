@@ -280,11 +280,14 @@ fn destination_killed_during_pre_copy_leaves_the_source_running() {
     assert_source_goes_on(&a);
 }
 
+/// The destination is frozen as soon as the source stops the guest (so it
+/// cannot confirm), then killed: the source gets no confirmation and
+/// resumes.
 #[test]
-fn destination_stopped_during_stop_and_copy_leaves_the_source_running() {
+fn destination_killed_during_stop_and_copy_leaves_the_source_running() {
     let hosts = HostPair::new();
     let dir = TempDir::new("mig-stop");
-    let (a, b, to) = source_and_destination(&hosts, &dir.0, 1024);
+    let (a, mut b, to) = source_and_destination(&hosts, &dir.0, 1024);
     let m = migrate_in_background(&hosts, &dir.0, &to);
     assert!(a.wait_for("stop-and-copy", wait() * 2), "{}", a.describe());
     // Frozen before it can confirm: the source must time out and resume.
@@ -294,10 +297,11 @@ fn destination_stopped_during_stop_and_copy_leaves_the_source_running() {
         // SAFETY: as above (the VMM under `ip netns exec`).
         unsafe { libc::kill(child as i32, libc::SIGSTOP) };
     }
+    std::thread::sleep(Duration::from_millis(200));
+    b.kill();
     let (code, text) = m.join().unwrap_or((-1, "panicked".into()));
     assert_ne!(code, 0, "{text}");
     assert_source_goes_on(&a);
-    drop(b);
 }
 
 fn destination_refuses(bytes: &[u8], expect: &str) {
