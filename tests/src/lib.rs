@@ -675,6 +675,16 @@ pub struct Vmm {
 impl Vmm {
     /// Starts `outboard --config <json> <extra>` in namespace `netns`.
     pub fn start(netns: Option<&str>, json: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(netns, json, extra, &[])
+    }
+
+    /// Like [`Vmm::start`], with extra environment variables.
+    pub fn start_with_env(
+        netns: Option<&str>,
+        json: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = TempDir::new("vmm");
         let cfg = dir.0.join("vm.json");
         std::fs::write(&cfg, json).unwrap_or_else(|e| panic!("write {}: {e}", cfg.display()));
@@ -686,6 +696,7 @@ impl Vmm {
             }
             None => Command::new(outboard_bin()),
         };
+        cmd.envs(env.iter().copied());
         cmd.arg("--config")
             .arg(&cfg)
             .args(extra)

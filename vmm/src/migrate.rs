@@ -552,7 +552,19 @@ pub fn receive<R: Read>(
             Section::RamPages(p) => {
                 apply_pages(&mut sink, &p)?;
             }
-            Section::RoundEnd(_) | Section::RamDone(_) => {}
+            Section::RoundEnd(stats) => {
+                if stats.round == 0
+                    && std::env::var("OUTBOARD_TEST_FAULT").as_deref() == Ok("stall-in-pre-copy")
+                {
+                    // Fault injection for the tests: a destination that stops
+                    // reading in the middle of pre-copy.
+                    eprintln!("outboard: test fault: stalling in pre-copy");
+                    loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            Section::RamDone(_) => {}
             Section::VcpuState { index, state } => {
                 let slot = vcpus
                     .get_mut(index as usize)

@@ -403,6 +403,15 @@ impl Vm {
             }
             return Err(VmError::Migration(e));
         }
+        if std::env::var("OUTBOARD_TEST_FAULT").as_deref() == Ok("hang-before-confirm") {
+            // Fault injection for the tests: a destination that dies or
+            // stalls in the stop-and-copy phase, after the whole stream and
+            // before its confirmation.
+            eprintln!("outboard: test fault: hanging before the confirmation");
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
         if let Some(out) = reply.as_mut() {
             migrate::confirm(out.as_mut()).map_err(mig)?;
         }
