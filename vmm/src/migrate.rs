@@ -259,10 +259,42 @@ fn dirty_pages(vm: &VmFd, ram: &GuestRam) -> Result<Vec<DirtyBitmap>, MigrateErr
     Ok(out)
 }
 
-fn all_pages(ram: &GuestRam) -> impl Iterator<Item = u64> + '_ {
-    ram.ranges
-        .iter()
-        .flat_map(|r| (0..r.size / PAGE).map(move |i| r.start + i * PAGE))
+/// The pages guest RAM has ever held data in: the memfd's data extents
+/// (`SEEK_DATA`/`SEEK_HOLE`). The rest are holes, zero on both sides, and
+/// neither read (which would allocate them) nor sent.
+fn populated_pages(ram: &GuestRam) -> Vec<u64> {
+    use std::os::fd::AsRawFd;
+    let fd = ram.memfd.as_raw_fd();
+    let mut pages = Vec::new();
+    for r in &ram.ranges {
+        let (start, end) = (r.file_offset, r.file_offset + r.size);
+        let mut off = start;
+        while off < end {
+            let Ok(o) = libc::off_t::try_from(off) else {
+                break;
+            };
+            // SAFETY: lseek on our own memfd; it only returns an offset.
+            let data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data after `off`
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let data = u64::try_from(data).unwrap_or(end).min(end);
+            let hole = if hole < 0 {
+                end
+            } else {
+                u64::try_from(hole).unwrap_or(end).min(end)
+            };
+            let mut p = data & !(PAGE - 1);
+            while p < hole {
+                pages.push(r.start + (p - start));
+                p += PAGE;
+            }
+            off = hole.max(data + PAGE);
+        }
+    }
+    pages
 }
 
 /// What the source needs from the running VM.
@@ -370,7 +402,7 @@ fn send_inner<W: Write, R: Read>(
         // Round 0: everything. Later rounds: what the guest dirtied.
         let t = Instant::now();
         let before = w.bytes_written();
-        let counts = send_pages(&mut w, &pages, all_pages(ram))?;
+        let counts = send_pages(&mut w, &pages, populated_pages(ram))?;
         rate.record(w.bytes_written() - before, t.elapsed());
         w.write(&Section::RoundEnd(RamStats {
             round: 0,
@@ -379,6 +411,7 @@ fn send_inner<W: Write, R: Read>(
         }))?;
         rounds = 1;
         progress(0, w.bytes_written(), &rate, 0, None);
+        let mut last_fetch = t;
         loop {
             if cancel.load(Ordering::Acquire) {
                 return Err(MigrateError::Cancelled);
@@ -392,6 +425,8 @@ fn send_inner<W: Write, R: Read>(
             let t = Instant::now();
             let dirty = dirty_pages(vm, ram)?;
             let count: u64 = dirty.iter().map(DirtyBitmap::count).sum();
+            let since = last_fetch.elapsed();
+            last_fetch = t;
             let remaining = count * PAGE;
             if fits(remaining, &rate, params.downtime) || rounds >= MAX_ROUNDS {
                 pending = dirty;
@@ -411,7 +446,7 @@ fn send_inner<W: Write, R: Read>(
                 data_pages: counts.data_pages,
                 zero_pages: counts.zero_pages,
             }))?;
-            let dirty_rate = (count as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
+            let dirty_rate = (count as f64 / since.as_secs_f64().max(1e-6)) as u64;
             progress(
                 rounds,
                 w.bytes_written(),
@@ -442,7 +477,7 @@ fn send_inner<W: Write, R: Read>(
             counts.zero_pages += c.zero_pages;
         }
     } else {
-        counts = send_pages(&mut w, &pages, all_pages(ram))?;
+        counts = send_pages(&mut w, &pages, populated_pages(ram))?;
         rounds = 1;
     }
     w.write(&Section::RamDone(RamStats {
