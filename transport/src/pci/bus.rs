@@ -133,78 +133,78 @@ struct Mapping {
     bar: usize,
 }
 
-/// Config-port access outside the bus lock: a function may block (a
-/// vfio-user function waits for its device process), and other vCPUs must
-/// still reach the rest of the bus meanwhile.
+// Every access looks its target up under the bus lock and calls the
+// function outside it: a function may block (a vfio-user function waits for
+// its device process), and other vCPUs must still reach the rest of the bus.
+
+/// The function and config offset a CONFIG_DATA access of `len` bytes at
+/// port 0xCF8 + `offset` reaches, if any.
+fn data_target(root: &Mutex<PciRoot>, offset: u16, len: usize) -> Option<(SharedFunction, usize)> {
+    let byte = usize::from(offset.checked_sub(4)?);
+    if byte + len > 4 {
+        return None;
+    }
+    let (f, reg) = root.lock().ok()?.selected()?;
+    Some((f, reg + byte))
+}
+
+/// A guest read of ports 0xCF8 + `offset` (0..8).
 pub fn config_port_read(root: &Mutex<PciRoot>, offset: u16, data: &mut [u8]) {
     data.fill(0xff);
-    let target = match root.lock() {
-        Ok(mut r) if offset == 0 => {
-            r.config_port_read(0, data);
-            return;
+    if offset == 0 {
+        if let (Ok(r), Ok(out)) = (root.lock(), <&mut [u8; 4]>::try_from(&mut *data)) {
+            *out = r.config_address.to_le_bytes();
         }
-        Ok(r) if (4..8).contains(&offset) && usize::from(offset - 4) + data.len() <= 4 => {
-            r.selected()
-        }
-        _ => return,
-    };
-    if let Some((f, reg)) = target {
+        return;
+    }
+    if let Some((f, at)) = data_target(root, offset, data.len()) {
         if let Ok(mut f) = f.lock() {
-            f.read_config(reg + usize::from(offset - 4), data);
+            f.read_config(at, data);
         }
     }
 }
 
-/// Config-port write outside the bus lock (see [`config_port_read`]).
+/// A guest write of ports 0xCF8 + `offset` (0..8).
 pub fn config_port_write(root: &Mutex<PciRoot>, offset: u16, data: &[u8]) {
-    let target = match root.lock() {
-        Ok(mut r) if offset == 0 => {
-            r.config_port_write(0, data);
-            return;
+    if offset == 0 {
+        if let (Ok(mut r), Ok(word)) = (root.lock(), <[u8; 4]>::try_from(data)) {
+            r.config_address = u32::from_le_bytes(word);
         }
-        Ok(r) if (4..8).contains(&offset) && usize::from(offset - 4) + data.len() <= 4 => {
-            r.selected()
-        }
-        _ => return,
-    };
-    if let Some((f, reg)) = target {
+        return;
+    }
+    if let Some((f, at)) = data_target(root, offset, data.len()) {
         if let Ok(mut f) = f.lock() {
-            f.write_config(reg + usize::from(offset - 4), data);
+            f.write_config(at, data);
         }
+        // The write may have moved a BAR or switched decoding.
         if let Ok(mut r) = root.lock() {
             r.refresh_mappings();
         }
     }
 }
 
-/// A BAR read at `addr` outside the bus lock; false when nothing decodes
-/// it.
+/// A BAR read at `addr`; false when nothing decodes it.
 pub fn mmio_read(root: &Mutex<PciRoot>, addr: u64, data: &mut [u8]) -> bool {
     let target = root.lock().ok().and_then(|r| r.find(addr, data.len()));
-    match target {
-        Some((f, bar, offset)) => {
-            if let Ok(mut f) = f.lock() {
-                f.read_bar(bar, offset, data);
-            }
-            true
-        }
-        None => false,
+    let Some((f, bar, offset)) = target else {
+        return false;
+    };
+    if let Ok(mut f) = f.lock() {
+        f.read_bar(bar, offset, data);
     }
+    true
 }
 
-/// A BAR write at `addr` outside the bus lock; false when nothing decodes
-/// it.
+/// A BAR write at `addr`; false when nothing decodes it.
 pub fn mmio_write(root: &Mutex<PciRoot>, addr: u64, data: &[u8]) -> bool {
     let target = root.lock().ok().and_then(|r| r.find(addr, data.len()));
-    match target {
-        Some((f, bar, offset)) => {
-            if let Ok(mut f) = f.lock() {
-                f.write_bar(bar, offset, data);
-            }
-            true
-        }
-        None => false,
+    let Some((f, bar, offset)) = target else {
+        return false;
+    };
+    if let Ok(mut f) = f.lock() {
+        f.write_bar(bar, offset, data);
     }
+    true
 }
 
 /// PCI bus 0.
@@ -255,7 +255,7 @@ impl PciRoot {
 
     /// Re-reads every function's decoded BARs (after a config write that
     /// may have moved one or switched decoding).
-    pub fn refresh_mappings(&mut self) {
+    fn refresh_mappings(&mut self) {
         let mut mappings = Vec::new();
         for (slot, f) in self.slots.iter().enumerate() {
             let Some(f) = f else { continue };
@@ -273,7 +273,7 @@ impl PciRoot {
     }
 
     /// The function and register CONFIG_ADDRESS selects now, if any.
-    pub fn selected(&self) -> Option<(SharedFunction, usize)> {
+    fn selected(&self) -> Option<(SharedFunction, usize)> {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
@@ -286,44 +286,8 @@ impl PciRoot {
         Some((f, (a & 0xfc) as usize))
     }
 
-    /// A guest read of ports 0xCF8 + `offset` (0..8).
-    pub fn config_port_read(&mut self, offset: u16, data: &mut [u8]) {
-        data.fill(0xff);
-        match offset {
-            0 if data.len() == 4 => data.copy_from_slice(&self.config_address.to_le_bytes()),
-            4..=7 if usize::from(offset - 4) + data.len() <= 4 => {
-                if let Some((f, reg)) = self.selected() {
-                    if let Ok(mut f) = f.lock() {
-                        f.read_config(reg + usize::from(offset - 4), data);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// A guest write of ports 0xCF8 + `offset` (0..8).
-    pub fn config_port_write(&mut self, offset: u16, data: &[u8]) {
-        match offset {
-            0 => {
-                if let Ok(word) = <[u8; 4]>::try_from(data) {
-                    self.config_address = u32::from_le_bytes(word);
-                }
-            }
-            4..=7 if usize::from(offset - 4) + data.len() <= 4 => {
-                if let Some((f, reg)) = self.selected() {
-                    if let Ok(mut f) = f.lock() {
-                        f.write_config(reg + usize::from(offset - 4), data);
-                    }
-                    self.refresh_mappings();
-                }
-            }
-            _ => {}
-        }
-    }
-
     /// The function, BAR and offset that decode `len` bytes at `addr`.
-    pub fn find(&self, addr: u64, len: usize) -> Option<(SharedFunction, usize, u64)> {
+    fn find(&self, addr: u64, len: usize) -> Option<(SharedFunction, usize, u64)> {
         let m = self.mappings.iter().find(|m| {
             addr >= m.start
                 && addr
@@ -333,32 +297,6 @@ impl PciRoot {
         })?;
         let f = self.slots.get(m.slot)?.as_ref()?.clone();
         Some((f, m.bar, addr - m.start))
-    }
-
-    /// A guest MMIO read at `addr`; returns false when no BAR decodes it.
-    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((f, bar, offset)) => {
-                if let Ok(mut f) = f.lock() {
-                    f.read_bar(bar, offset, data);
-                }
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A guest MMIO write at `addr`; returns false when no BAR decodes it.
-    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((f, bar, offset)) => {
-                if let Ok(mut f) = f.lock() {
-                    f.write_bar(bar, offset, data);
-                }
-                true
-            }
-            None => false,
-        }
     }
 }
 
@@ -390,7 +328,7 @@ mod tests {
         }
     }
 
-    fn bus() -> (PciRoot, Arc<Mutex<Dev>>) {
+    fn bus() -> (Mutex<PciRoot>, Arc<Mutex<Dev>>) {
         let mut config = PciConfigSpace::new(PciIdentity {
             vendor: 0x1af4,
             device: 0x1042,
@@ -408,61 +346,61 @@ mod tests {
         }));
         let mut root = PciRoot::new();
         assert_eq!(root.add(dev.clone()).unwrap(), 1);
-        (root, dev)
+        (Mutex::new(root), dev)
     }
 
-    fn cfg_read(root: &mut PciRoot, slot: u32, reg: u32) -> u32 {
-        root.config_port_write(0, &(0x8000_0000 | slot << 11 | reg).to_le_bytes());
+    fn cfg_read(root: &Mutex<PciRoot>, slot: u32, reg: u32) -> u32 {
+        config_port_write(root, 0, &(0x8000_0000 | slot << 11 | reg).to_le_bytes());
         let mut b = [0u8; 4];
-        root.config_port_read(4, &mut b);
+        config_port_read(root, 4, &mut b);
         u32::from_le_bytes(b)
     }
 
     #[test]
     fn linux_type1_probe_finds_the_host_bridge() {
-        let (mut root, _) = bus();
-        root.config_port_write(0, &0x8000_0000u32.to_le_bytes());
+        let (root, _) = bus();
+        config_port_write(&root, 0, &0x8000_0000u32.to_le_bytes());
         let mut b = [0u8; 4];
-        root.config_port_read(0, &mut b);
+        config_port_read(&root, 0, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0x8000_0000);
-        assert_eq!(cfg_read(&mut root, 0, 8) >> 8, 0x06_0000);
-        assert_eq!(cfg_read(&mut root, 1, 0), 0x1042_1af4);
-        assert_eq!(cfg_read(&mut root, 2, 0), 0xffff_ffff);
+        assert_eq!(cfg_read(&root, 0, 8) >> 8, 0x06_0000);
+        assert_eq!(cfg_read(&root, 1, 0), 0x1042_1af4);
+        assert_eq!(cfg_read(&root, 2, 0), 0xffff_ffff);
         // Function 1, bus 1 and a disabled address read as all ones.
-        root.config_port_write(0, &(0x8000_0000u32 | 1 << 11 | 1 << 8).to_le_bytes());
-        root.config_port_read(4, &mut b);
+        config_port_write(&root, 0, &(0x8000_0000u32 | 1 << 11 | 1 << 8).to_le_bytes());
+        config_port_read(&root, 4, &mut b);
         assert_eq!(b, [0xff; 4]);
-        root.config_port_write(0, &(0x8001_0000u32 | 1 << 11).to_le_bytes());
-        root.config_port_read(4, &mut b);
+        config_port_write(&root, 0, &(0x8001_0000u32 | 1 << 11).to_le_bytes());
+        config_port_read(&root, 4, &mut b);
         assert_eq!(b, [0xff; 4]);
         // 16-bit read of the device id at 0xCFE.
-        root.config_port_write(0, &(0x8000_0000u32 | 1 << 11).to_le_bytes());
+        config_port_write(&root, 0, &(0x8000_0000u32 | 1 << 11).to_le_bytes());
         let mut w = [0u8; 2];
-        root.config_port_read(6, &mut w);
+        config_port_read(&root, 6, &mut w);
         assert_eq!(u16::from_le_bytes(w), 0x1042);
     }
 
     #[test]
     fn bars_decode_only_with_memory_enabled_and_follow_moves() {
-        let (mut root, dev) = bus();
+        let (root, dev) = bus();
         let mut b = [0u8; 4];
-        assert!(!root.mmio_read(0xc000_0010, &mut b));
-        root.config_port_write(0, &(0x8000_0004u32 | 1 << 11).to_le_bytes());
-        root.config_port_write(4, &COMMAND_MEMORY.to_le_bytes());
-        assert!(root.mmio_read(0xc000_0010, &mut b));
+        assert!(!mmio_read(&root, 0xc000_0010, &mut b));
+        config_port_write(&root, 0, &(0x8000_0004u32 | 1 << 11).to_le_bytes());
+        config_port_write(&root, 4, &COMMAND_MEMORY.to_le_bytes());
+        assert!(mmio_read(&root, 0xc000_0010, &mut b));
         assert_eq!(b, [0x10; 4]);
-        assert!(root.mmio_write(0xc000_0ffc, &[1, 2, 3, 4]));
+        assert!(mmio_write(&root, 0xc000_0ffc, &[1, 2, 3, 4]));
         assert_eq!(
             dev.lock().unwrap().last_write,
             Some((0, 0xffc, vec![1, 2, 3, 4]))
         );
         // An access crossing the end of the BAR is not the BAR's.
-        assert!(!root.mmio_write(0xc000_0ffe, &[1, 2, 3, 4]));
+        assert!(!mmio_write(&root, 0xc000_0ffe, &[1, 2, 3, 4]));
         // Move the BAR.
-        root.config_port_write(0, &(0x8000_0010u32 | 1 << 11).to_le_bytes());
-        root.config_port_write(4, &0xc010_0000u32.to_le_bytes());
-        assert!(!root.mmio_read(0xc000_0010, &mut b));
-        assert!(root.mmio_read(0xc010_0010, &mut b));
+        config_port_write(&root, 0, &(0x8000_0010u32 | 1 << 11).to_le_bytes());
+        config_port_write(&root, 4, &0xc010_0000u32.to_le_bytes());
+        assert!(!mmio_read(&root, 0xc000_0010, &mut b));
+        assert!(mmio_read(&root, 0xc010_0010, &mut b));
     }
 
     #[test]
@@ -483,7 +421,7 @@ mod tests {
     /// Random config and MMIO accesses of every size never panic.
     #[test]
     fn garbage_accesses_are_harmless() {
-        let (mut root, _) = bus();
+        let (root, _) = bus();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = || {
             x ^= x << 13;
@@ -497,17 +435,17 @@ mod tests {
             let mut buf = vec![0u8; len];
             let value = next().to_le_bytes();
             match (r >> 2) % 4 {
-                0 => root.config_port_write(((r >> 8) % 8) as u16, &value[..len]),
-                1 => root.config_port_read(((r >> 8) % 8) as u16, &mut buf),
+                0 => config_port_write(&root, ((r >> 8) % 8) as u16, &value[..len]),
+                1 => config_port_read(&root, ((r >> 8) % 8) as u16, &mut buf),
                 2 => {
-                    root.mmio_write(0xc000_0000 + (r >> 8) % 0x2000, &value[..len]);
+                    mmio_write(&root, 0xc000_0000 + (r >> 8) % 0x2000, &value[..len]);
                 }
                 _ => {
-                    root.mmio_read(0xc000_0000 + (r >> 8) % 0x2000, &mut buf);
+                    mmio_read(&root, 0xc000_0000 + (r >> 8) % 0x2000, &mut buf);
                 }
             }
         }
         // The host bridge is still there.
-        assert_eq!(cfg_read(&mut root, 0, 0), 0x0d57_8086);
+        assert_eq!(cfg_read(&root, 0, 0), 0x0d57_8086);
     }
 }
