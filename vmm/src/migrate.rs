@@ -91,63 +91,24 @@ pub enum MigrateError {
     GuestEnded,
 }
 
-/// The VMM's own devices' state carried in the stream.
+/// The serial port's state in the stream (vm-superio's `SerialState`,
+/// which has no serde of its own).
 #[derive(Serialize, Deserialize)]
-pub struct SerialSnapshot {
-    /// Divisor latch low.
-    pub baud_divisor_low: u8,
-    /// Divisor latch high.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable.
-    pub interrupt_enable: u8,
-    /// Interrupt identification.
-    pub interrupt_identification: u8,
-    /// Line control.
-    pub line_control: u8,
-    /// Line status.
-    pub line_status: u8,
-    /// Modem control.
-    pub modem_control: u8,
-    /// Modem status.
-    pub modem_status: u8,
-    /// Scratch.
-    pub scratch: u8,
-    /// Received bytes not yet read.
-    pub in_buffer: Vec<u8>,
-}
+pub struct SerialSnapshot(#[serde(with = "SerialStateDef")] pub vm_superio::serial::SerialState);
 
-impl From<vm_superio::serial::SerialState> for SerialSnapshot {
-    fn from(s: vm_superio::serial::SerialState) -> Self {
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
-    fn from(s: &SerialSnapshot) -> Self {
-        vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "vm_superio::serial::SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// The VM's shape as the handshake carries it.
@@ -485,7 +446,6 @@ fn send_inner<W: Write, R: Read>(
         data_pages: counts.data_pages,
         zero_pages: counts.zero_pages,
     }))?;
-    let json = |v: &dyn erased::Json| v.to_json();
     for (index, s) in source.vcpu_states()?.iter().enumerate() {
         w.write(&Section::VcpuState {
             index: index as u32,
@@ -643,14 +603,7 @@ pub fn confirm(out: &mut dyn Write) -> Result<(), MigrateError> {
     Ok(())
 }
 
-mod erased {
-    /// Serializes to JSON bytes for the stream.
-    pub trait Json {
-        fn to_json(&self) -> Result<Vec<u8>, super::MigrateError>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<Vec<u8>, super::MigrateError> {
-            serde_json::to_vec(self).map_err(|e| super::MigrateError::State(e.to_string()))
-        }
-    }
+/// Serializes state for a stream section.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, MigrateError> {
+    serde_json::to_vec(v).map_err(|e| MigrateError::State(e.to_string()))
 }

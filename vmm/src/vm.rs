@@ -132,6 +132,7 @@ pub struct Vm {
     msrs: Arc<Vec<u32>>,
     control: Arc<vcpu::VcpuControl>,
     commands: Option<Receiver<(Command, Sender<CommandResult>)>>,
+    status: Arc<VmStatus>,
     ram: Arc<GuestRam>,
 }
 
@@ -167,16 +168,23 @@ const INCOMING_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// The answer to a [`Command`].
 pub type CommandResult = Result<Option<migrate::Report>, String>;
 
+/// What the API reads without waiting for the VM's main loop.
+#[derive(Default)]
+pub struct VmStatus {
+    /// Set to cancel a migration in progress.
+    pub cancel: AtomicBool,
+    /// Whether the vCPUs are parked.
+    pub paused: AtomicBool,
+    /// Whether a migration is in progress.
+    pub migrating: AtomicBool,
+}
+
 /// Sends [`Command`]s to a running VM; cheap to clone.
 #[derive(Clone)]
 pub struct VmHandle {
     tx: Sender<(Command, Sender<CommandResult>)>,
-    /// Set to cancel a migration in progress.
-    pub cancel: Arc<AtomicBool>,
-    /// Whether the vCPUs are parked.
-    pub paused: Arc<AtomicBool>,
-    /// Whether a migration is in progress.
-    pub migrating: Arc<AtomicBool>,
+    /// The VM's status flags.
+    pub status: Arc<VmStatus>,
 }
 
 impl VmHandle {
@@ -189,9 +197,6 @@ impl VmHandle {
         rx.recv().map_err(|_| "the VM stopped".to_string())?
     }
 }
-
-static HANDLE_FLAGS: std::sync::OnceLock<(Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>)> =
-    std::sync::OnceLock::new();
 
 impl Vm {
     /// Builds the VM described by `config`. Nothing runs yet.
@@ -337,6 +342,7 @@ impl Vm {
             config: config.clone(),
             msrs,
             commands: None,
+            status: Arc::new(VmStatus::default()),
             _vm: vm,
         })
     }
@@ -345,20 +351,9 @@ impl Vm {
     pub fn handle(&mut self) -> VmHandle {
         let (tx, rx) = channel();
         self.commands = Some(rx);
-        let (cancel, paused, migrating) = HANDLE_FLAGS
-            .get_or_init(|| {
-                (
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
-                )
-            })
-            .clone();
         VmHandle {
             tx,
-            cancel,
-            paused,
-            migrating,
+            status: self.status.clone(),
         }
     }
 
@@ -437,7 +432,7 @@ impl Vm {
             .map_err(|e| format!("serial: {e}"))?;
         let writer = std::mem::replace(guard.writer_mut(), Box::new(io::sink()));
         let restored = Serial::from_state(
-            &(&snap).into(),
+            &snap.0,
             IrqTrigger(evt),
             vm_superio::serial::NoEvents,
             writer,
@@ -507,6 +502,7 @@ impl Vm {
             control: &self.control,
             threads: &threads,
             serial: &self.serial,
+            status: &self.status,
         };
         let reason = loop {
             if let Some(r) = running.ended.borrow_mut().take() {
@@ -554,24 +550,17 @@ struct Running<'a> {
     control: &'a vcpu::VcpuControl,
     threads: &'a [JoinHandle<()>],
     serial: &'a Mutex<SerialConsole>,
+    status: &'a VmStatus,
 }
 
 impl Running<'_> {
-    fn flags(&self) -> (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>) {
-        HANDLE_FLAGS
-            .get_or_init(|| {
-                (
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
-                )
-            })
-            .clone()
-    }
-
     /// Serves one command; `Some` when the VM must stop.
     fn serve(&self, cmd: Command) -> (CommandResult, Option<StopReason>) {
-        let (cancel, paused, migrating) = self.flags();
+        let VmStatus {
+            cancel,
+            paused,
+            migrating,
+        } = self.status;
         match cmd {
             Command::Pause => {
                 if paused.load(Ordering::Acquire) {
@@ -611,7 +600,7 @@ impl Running<'_> {
                         self.config,
                         self,
                         params,
-                        &cancel,
+                        cancel,
                     )
                     .map_err(|e| e.to_string())
                 })();
@@ -654,7 +643,7 @@ impl Running<'_> {
                         self.config,
                         self,
                         params,
-                        &cancel,
+                        cancel,
                     )
                     .map_err(|e| e.to_string())
                 })();
@@ -719,7 +708,7 @@ impl migrate::SourceVm for Running<'_> {
     fn vmm_devices(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         if let Ok(s) = self.serial.lock() {
-            let snap = migrate::SerialSnapshot::from(s.state());
+            let snap = migrate::SerialSnapshot(s.state());
             if let Ok(bytes) = serde_json::to_vec(&snap) {
                 out.push(("serial".to_string(), bytes));
             }
@@ -904,9 +893,9 @@ impl ApiControl {
 impl crate::api::VmControl for ApiControl {
     fn info(&self) -> crate::api::VmInfo {
         use crate::api::VmState as S;
-        let state = if self.handle.migrating.load(Ordering::Acquire) {
+        let state = if self.handle.status.migrating.load(Ordering::Acquire) {
             S::Migrating
-        } else if self.handle.paused.load(Ordering::Acquire) {
+        } else if self.handle.status.paused.load(Ordering::Acquire) {
             S::Paused
         } else {
             S::Running
@@ -950,7 +939,7 @@ impl crate::api::VmControl for ApiControl {
         &self,
         req: crate::api::MigrateRequest,
     ) -> Result<crate::api::MigrationReport, crate::api::ApiError> {
-        if self.handle.migrating.load(Ordering::Acquire) {
+        if self.handle.status.migrating.load(Ordering::Acquire) {
             return Err(crate::api::ApiError::conflict(
                 "a migration is already running",
             ));
@@ -971,10 +960,10 @@ impl crate::api::VmControl for ApiControl {
     }
 
     fn cancel_migration(&self) -> Result<(), crate::api::ApiError> {
-        if !self.handle.migrating.load(Ordering::Acquire) {
+        if !self.handle.status.migrating.load(Ordering::Acquire) {
             return Err(crate::api::ApiError::conflict("no migration is running"));
         }
-        self.handle.cancel.store(true, Ordering::Release);
+        self.handle.status.cancel.store(true, Ordering::Release);
         Ok(())
     }
 }
