@@ -242,6 +242,28 @@ fn vmlinux_two_vcpus_mounts_ext4_root_from_our_block_process() {
     );
 }
 
+/// Linux found the disk as virtio-pci function 00:01.0 and enabled it;
+/// returns the VMM's last interrupt-routing line for it.
+fn assert_virtio_pci_disk(out: &RunOutput) -> String {
+    let d = out.describe();
+    assert!(
+        out.serial
+            .contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000"),
+        "{d}"
+    );
+    assert!(
+        out.serial
+            .contains("virtio-pci 0000:00:01.0: enabling device"),
+        "{d}"
+    );
+    out.stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("rootdisk: interrupts"))
+        .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"))
+        .to_string()
+}
+
 /// vmlinux, 1 vCPU: the same root disk on PCI. Linux finds the host bridge
 /// and the virtio-pci function through configuration mechanism #1, its
 /// virtio-pci driver binds with MSI-X (the VMM logs the vectors the driver
@@ -262,23 +284,8 @@ fn linux_mounts_ext4_root_from_a_virtio_pci_disk_with_msix() {
             .contains("pci 0000:00:00.0: [8086:0d57] type 00 class 0x060000"),
         "{d}"
     );
-    assert!(
-        out.serial
-            .contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000"),
-        "{d}"
-    );
-    assert!(
-        out.serial
-            .contains("virtio-pci 0000:00:01.0: enabling device"),
-        "{d}"
-    );
     // The driver programmed MSI-X: a config vector and one for the queue.
-    let line = out
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("rootdisk: interrupts"))
-        .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"));
+    let line = assert_virtio_pci_disk(out);
     assert!(line.contains("config: MSI-X 0"), "{line}");
     assert!(line.contains("queue 0: MSI-X 1"), "{line}");
 }
@@ -293,26 +300,11 @@ fn linux_mounts_ext4_root_from_a_vfio_user_disk() {
     let out = &b.out;
     let d = out.describe();
     assert!(
-        out.serial
-            .contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000"),
-        "{d}"
-    );
-    assert!(
-        out.serial
-            .contains("virtio-pci 0000:00:01.0: enabling device"),
-        "{d}"
-    );
-    assert!(
         out.stderr
             .contains("rootdisk: vfio-user device on PCI 00:01.0"),
         "{d}"
     );
-    let line = out
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("rootdisk: interrupts"))
-        .unwrap_or_else(|| panic!("no interrupt routing logged\n{d}"));
+    let line = assert_virtio_pci_disk(out);
     assert!(line.contains("vector 0: MSI-X 0"), "{line}");
     assert!(line.contains("vector 1: MSI-X 1"), "{line}");
 }

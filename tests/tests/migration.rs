@@ -58,6 +58,54 @@ fn migrate(netns: &str, socket: &Path, to: &str) -> (i32, String) {
     )
 }
 
+/// Moves the guest from `from` (namespace, API socket) to a new VMM that
+/// `hop` starts in namespace `to_ns` at `to_ip:port`; checks the source
+/// exited after the confirmation. Returns the destination.
+fn hop(
+    cfg: &str,
+    from: (&str, &Path),
+    source: &mut Vmm,
+    to_ns: &str,
+    to_ip: &str,
+    port: u16,
+    to_sock: &Path,
+) -> Vmm {
+    let to = format!("tcp:{to_ip}:{port}");
+    let dest = Vmm::start(
+        Some(to_ns),
+        cfg,
+        &[
+            "--incoming",
+            &to,
+            "--api-socket",
+            to_sock.to_str().unwrap_or(""),
+        ],
+    );
+    assert!(
+        dest.wait_for("waiting for the incoming guest", wait()),
+        "{}",
+        dest.describe()
+    );
+    let (code, text) = migrate(from.0, from.1, &to);
+    assert_eq!(
+        code,
+        0,
+        "migrate to {to}: {text}\n{}\n{}",
+        source.describe(),
+        dest.describe()
+    );
+    assert_eq!(
+        source.wait_exit(wait()),
+        Some(0),
+        "source after migrating\n{}",
+        source.describe()
+    );
+    assert!(source
+        .stderr()
+        .contains("the guest runs on the destination now"));
+    dest
+}
+
 fn a_to_b_and_back(vcpus: u8, memory_mib: u64) {
     let hosts = HostPair::new();
     let dir = TempDir::new("mig");
@@ -65,7 +113,7 @@ fn a_to_b_and_back(vcpus: u8, memory_mib: u64) {
     let sock_b = dir.0.join("b.sock");
     let sock_a2 = dir.0.join("a2.sock");
     let cfg = config(vcpus, memory_mib, &counter_cmdline(vcpus, 60));
-    let a = Vmm::start(
+    let mut a = Vmm::start(
         Some(&hosts.a),
         &cfg,
         &["--api-socket", sock_a.to_str().unwrap_or("")],
@@ -75,70 +123,25 @@ fn a_to_b_and_back(vcpus: u8, memory_mib: u64) {
         "A did not start counting\n{}",
         a.describe()
     );
-    let to_b = format!("tcp:{}:7001", hosts.b_ip);
-    let mut b = Vmm::start(
-        Some(&hosts.b),
+    let mut b = hop(
         &cfg,
-        &[
-            "--incoming",
-            &to_b,
-            "--api-socket",
-            sock_b.to_str().unwrap_or(""),
-        ],
+        (&hosts.a, &sock_a),
+        &mut a,
+        &hosts.b,
+        &hosts.b_ip,
+        7001,
+        &sock_b,
     );
-    assert!(
-        b.wait_for("waiting for the incoming guest", wait()),
-        "{}",
-        b.describe()
-    );
-    let (code, text) = migrate(&hosts.a, &sock_a, &to_b);
-    assert_eq!(
-        code,
-        0,
-        "migrate A->B: {text}\n{}\n{}",
-        a.describe(),
-        b.describe()
-    );
-    let mut a = a;
-    assert_eq!(
-        a.wait_exit(wait()),
-        Some(0),
-        "A after migrating\n{}",
-        a.describe()
-    );
-    assert!(a.stderr().contains("the guest runs on the destination now"));
     let a_lines = counter_seqs(&a.serial()).len();
     assert!(wait_lines(&b, 5), "B did not go on\n{}", b.describe());
-
-    let back = format!("tcp:{}:7002", hosts.a_ip);
-    let mut a2 = Vmm::start(
-        Some(&hosts.a),
+    let mut a2 = hop(
         &cfg,
-        &[
-            "--incoming",
-            &back,
-            "--api-socket",
-            sock_a2.to_str().unwrap_or(""),
-        ],
-    );
-    assert!(
-        a2.wait_for("waiting for the incoming guest", wait()),
-        "{}",
-        a2.describe()
-    );
-    let (code, text) = migrate(&hosts.b, &sock_b, &back);
-    assert_eq!(
-        code,
-        0,
-        "migrate B->A: {text}\n{}\n{}",
-        b.describe(),
-        a2.describe()
-    );
-    assert_eq!(
-        b.wait_exit(wait()),
-        Some(0),
-        "B after migrating\n{}",
-        b.describe()
+        (&hosts.b, &sock_b),
+        &mut b,
+        &hosts.a,
+        &hosts.a_ip,
+        7002,
+        &sock_a2,
     );
     // The guest finishes on A: 60 lines in all, then PASS.
     assert_eq!(a2.wait_exit(wait() * 2), Some(0), "{}", a2.describe());
